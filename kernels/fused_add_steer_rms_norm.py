@@ -17,6 +17,7 @@ testing the Triton code without a GPU; it sets TRITON_INTERPRET=1).
 """
 
 import os
+import warnings
 
 import torch
 
@@ -112,10 +113,10 @@ def _fused_add_steer_rms_norm_bwd_kernel(
     weight_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
     table_partial = table_partials_ptr + pid.to(tl.int64) * table_partial_stride
 
-    row_start = pid * rows_per_program
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 loop variable, so int64 offsets
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     for row in range(row_start, row_end):
-        offsets = row.to(tl.int64) * n_cols + cols
+        offsets = row * n_cols + cols
         dy = tl.load(grad_y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row)
@@ -278,7 +279,9 @@ def triton_backward(
     if n_rows == 0:
         return grad_input, d_table, d_weight
 
-    table_floats = num_table_rows * n_cols if table_grad else 0
+    # without an index only row 0 of the table receives gradient; the other rows stay zero
+    partial_table_rows = (num_table_rows if index is not None else 1) if table_grad else 0
+    table_floats = partial_table_rows * n_cols
     n_programs = _num_programs(x.device, n_rows, table_floats + n_cols)
     # index partials are read-modify-written, so they start at zero; the others are fully overwritten
     alloc = torch.zeros if index is not None else torch.empty
@@ -307,7 +310,7 @@ def triton_backward(
         num_warps=num_warps,
     )
     if table_grad:
-        _sum_partials(table_partials, d_table)
+        _sum_partials(table_partials, d_table[:partial_table_rows])
     if weight_grad:
         _sum_partials(weight_partials, d_weight)
     return grad_input, d_table, d_weight
@@ -317,10 +320,13 @@ def triton_backward(
 # registration: Triton for CUDA (and for CPU under the switch), fakes, autograd
 
 _lib = torch.library.Library("steering", "IMPL")  # kept alive: it owns the registrations
-for _key in ("CUDA", "CPU") if TRITON_ON_CPU else ("CUDA",):
-    _lib.impl("fused_add_steer_rms_norm_", triton_forward_, _key)
-    _lib.impl("fused_add_steer_rms_norm_fwd", triton_forward, _key)
-    _lib.impl("fused_add_steer_rms_norm_bwd", triton_backward, _key)
+with warnings.catch_warnings():
+    # the switch overrides the C++ CPU kernels on purpose
+    warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+    for _key in ("CUDA", "CPU") if TRITON_ON_CPU else ("CUDA",):
+        _lib.impl("fused_add_steer_rms_norm_", triton_forward_, _key)
+        _lib.impl("fused_add_steer_rms_norm_fwd", triton_forward, _key)
+        _lib.impl("fused_add_steer_rms_norm_bwd", triton_backward, _key)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,0 +1,25 @@
+import hashlib
+import os
+import random
+
+import pytest
+import torch
+
+# Triton decides at decoration time (when kernels/ is imported) whether to
+# interpret; without a GPU the Triton kernels run under its interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Fresh random inputs each run; the seed is printed so a failure can be replayed
+# with STEERING_TEST_SEED=<seed>.
+SESSION_SEED = int(os.environ.get("STEERING_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"steering-vllm test seed: {SESSION_SEED} (replay with STEERING_TEST_SEED={SESSION_SEED})"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    digest = hashlib.sha256(f"{SESSION_SEED}:{request.node.nodeid}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little"))
