@@ -48,8 +48,9 @@ cpu_op = CppExtension(
             "-O3",
             "-fopenmp",
             "-std=c++17",
-            f"-DCPU_CAPABILITY={CAPABILITY}",
-            f"-DCPU_CAPABILITY_{CAPABILITY}",
+            f"-DSTEERING_CPU_ISA={CAPABILITY}",
+            f"-DCPU_CAPABILITY={cpu_isa.ATEN_CAPABILITY[CAPABILITY]}",
+            f"-DCPU_CAPABILITY_{cpu_isa.ATEN_CAPABILITY[CAPABILITY]}",
             *cpu_isa.COMPILE_FLAGS[CAPABILITY],
         ]
     },

@@ -45,8 +45,8 @@ struct ChunkOf {
   static constexpr int kParts = static_cast<int>(kSize / kAccWidth);
 };
 
-template <typename T, typename aVec = typename ChunkOf<T>::aVec>
-inline void load_chunk(const T* p, int64_t n, aVec* out) {
+template <typename T, typename N, typename aVec = typename ChunkOf<T>::aVec>
+inline void load_chunk(const T* p, N n, aVec* out) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     out[0] = n == aVec::size() ? aVec::loadu(p) : aVec::loadu(p, n);
   } else {
@@ -56,11 +56,20 @@ inline void load_chunk(const T* p, int64_t n, aVec* out) {
   }
 }
 
-template <typename T, typename aVec = typename ChunkOf<T>::aVec>
-inline void store_chunk(T* p, int64_t n, const aVec* in) {
+template <typename T, typename N, typename aVec = typename ChunkOf<T>::aVec>
+inline void store_chunk(T* p, N n, const aVec* in) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     n == aVec::size() ? in[0].store(p) : in[0].store(p, n);
   } else {
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      // one instruction for 32 values (round to nearest even), where ATen's
+      // portable conversion takes a dozen integer ops
+      const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(in[1], in[0]);
+      n == 32 ? _mm512_storeu_si512(p, b) : _mm512_mask_storeu_epi16(p, (__mmask32)((1ull << n) - 1), b);
+      return;
+    }
+#endif
     auto b = at::vec::convert_from_float<T>(in[0], in[1]);
     n == decltype(b)::size() ? b.store(p) : b.store(p, n);
   }
@@ -68,8 +77,8 @@ inline void store_chunk(T* p, int64_t n, const aVec* in) {
 
 // Accumulator-typed source (the steering table, the row buffers) read in the
 // layout of a chunk of T; lanes past n are zero.
-template <typename T, typename aVec = typename ChunkOf<T>::aVec>
-inline void load_acc_chunk(const acc_t<T>* p, int64_t n, aVec* out) {
+template <typename T, typename N, typename aVec = typename ChunkOf<T>::aVec>
+inline void load_acc_chunk(const acc_t<T>* p, N n, aVec* out) {
   constexpr int64_t W = aVec::size();
   for (int k = 0; k < ChunkOf<T>::kParts; ++k) {
     const int64_t m = std::min<int64_t>(W, n - k * W);
@@ -148,6 +157,15 @@ inline int64_t table_row(const I* index, int64_t t) {
 // ---------------------------------------------------------------------------
 // forward
 
+// Calls body(j, n) over [0, d) in chunks of kChunk. Full chunks get n as a
+// compile-time constant, so their loads and stores compile without masks.
+template <int64_t kChunk, typename Body>
+inline void for_each_chunk(int64_t d, Body&& body) {
+  int64_t j = 0;
+  for (; j + kChunk <= d; j += kChunk) body(j, std::integral_constant<int64_t, kChunk>{});
+  if (j < d) body(j, d - j);
+}
+
 template <typename T, typename I>
 void forward_rows(const T* hidden, const T* residual, const acc_t<T>* table, const I* index, const T* weight,
                   T* y, T* residual_out, acc_t<T>* rstd_out, int64_t num_tokens, int64_t d, double eps) {
@@ -155,36 +173,45 @@ void forward_rows(const T* hidden, const T* residual, const acc_t<T>* table, con
   using aVec = typename ChunkOf<T>::aVec;
   constexpr int64_t kChunk = ChunkOf<T>::kSize, W = ChunkOf<T>::kAccWidth;
   constexpr int kParts = ChunkOf<T>::kParts;
+  // bf16/fp16 round residual_out; y is computed from the unrounded x, kept in a
+  // per-thread row buffer. For fp32/fp64, residual_out itself is that x.
+  constexpr bool kRowBuffer = !std::is_same_v<T, A>;
   at::parallel_for(0, num_tokens, grain_rows(d), [&](int64_t begin, int64_t end) {
-    std::vector<A> x_row(rounded_up(d, kChunk));  // x at full precision, kept for the second sweep
-    aVec h[kParts], r[kParts], s[kParts], w[kParts];
+    std::vector<A> x_row(kRowBuffer ? rounded_up(d, kChunk) : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t off = t * d;  // int64: T * d can exceed 2^31
       const A* steer = table + table_row(index, t) * d;
       // sweep 1: x = hidden + residual + steer; residual_out <- x; sum of squares
-      aVec sq(0);
-      for (int64_t j = 0; j < d; j += kChunk) {
-        const int64_t n = std::min(kChunk, d - j);
+      aVec sq[kParts];
+      for (int k = 0; k < kParts; ++k) sq[k] = aVec(0);
+      for_each_chunk<kChunk>(d, [&](int64_t j, auto n) {
+        aVec h[kParts], r[kParts], s[kParts];
         load_chunk(hidden + off + j, n, h);
         load_chunk(residual + off + j, n, r);
         load_acc_chunk<T>(steer + j, n, s);
         for (int k = 0; k < kParts; ++k) {
           h[k] = h[k] + r[k] + s[k];
-          sq = at::vec::fmadd(h[k], h[k], sq);
-          h[k].store(x_row.data() + j + k * W);
+          sq[k] = at::vec::fmadd(h[k], h[k], sq[k]);
+          if constexpr (kRowBuffer) h[k].store(x_row.data() + j + k * W);
         }
         store_chunk(residual_out + off + j, n, h);
-      }
-      const A rstd = A(1) / std::sqrt(horizontal_sum(sq) / static_cast<A>(d) + static_cast<A>(eps));
+      });
+      for (int k = 1; k < kParts; ++k) sq[0] = sq[0] + sq[k];
+      const A rstd = A(1) / std::sqrt(horizontal_sum(sq[0]) / static_cast<A>(d) + static_cast<A>(eps));
       if (rstd_out != nullptr) rstd_out[t] = rstd;
-      // sweep 2: y = x * rstd * weight, from the row buffer
+      // sweep 2 (the row is in L1/L2 now): y = x * rstd * weight
       const aVec rstd_v(rstd);
-      for (int64_t j = 0; j < d; j += kChunk) {
-        const int64_t n = std::min(kChunk, d - j);
+      for_each_chunk<kChunk>(d, [&](int64_t j, auto n) {
+        aVec x[kParts], w[kParts];
+        if constexpr (kRowBuffer) {
+          for (int k = 0; k < kParts; ++k) x[k] = aVec::loadu(x_row.data() + j + k * W);
+        } else {
+          load_chunk(residual_out + off + j, n, x);
+        }
         load_chunk(weight + j, n, w);
-        for (int k = 0; k < kParts; ++k) h[k] = aVec::loadu(x_row.data() + j + k * W) * rstd_v * w[k];
-        store_chunk(y + off + j, n, h);
-      }
+        for (int k = 0; k < kParts; ++k) x[k] = x[k] * rstd_v * w[k];
+        store_chunk(y + off + j, n, x);
+      });
     }
   });
 }
@@ -268,7 +295,6 @@ void backward_rows(const T* dy, const T* dres, const T* x, const acc_t<T>* rstd,
   constexpr int kParts = ChunkOf<T>::kParts;
   const int64_t rows_per_part = (num_tokens + parts - 1) / parts;
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    aVec dyv[kParts], xv[kParts], wv[kParts], gv[kParts], rv[kParts];
     for (int64_t p = part_begin; p < part_end; ++p) {
       A* tp = table_partials == nullptr ? nullptr : table_partials + p * num_rows * d;
       A* wp = weight_partials == nullptr ? nullptr : weight_partials + p * d;
@@ -277,20 +303,22 @@ void backward_rows(const T* dy, const T* dres, const T* x, const acc_t<T>* rstd,
         const int64_t off = t * d;
         const A rs = rstd[t];
         // sweep 1: dot = sum(weight * dy * x)
-        aVec dot(0);
-        for (int64_t j = 0; j < d; j += kChunk) {
-          const int64_t n = std::min(kChunk, d - j);
+        aVec dot[kParts];
+        for (int k = 0; k < kParts; ++k) dot[k] = aVec(0);
+        for_each_chunk<kChunk>(d, [&](int64_t j, auto n) {
+          aVec dyv[kParts], xv[kParts], wv[kParts];
           load_chunk(dy + off + j, n, dyv);
           load_chunk(x + off + j, n, xv);
           load_chunk(weight + j, n, wv);
-          for (int k = 0; k < kParts; ++k) dot = at::vec::fmadd(wv[k] * dyv[k], xv[k], dot);
-        }
-        // sweep 2 (row now in cache): g = rstd * w * dy - x * (rstd^3 * dot / d) + dres
+          for (int k = 0; k < kParts; ++k) dot[k] = at::vec::fmadd(wv[k] * dyv[k], xv[k], dot[k]);
+        });
+        for (int k = 1; k < kParts; ++k) dot[0] = dot[0] + dot[k];
+        // sweep 2 (the row is in L1/L2 now): g = rstd * w * dy - x * (rstd^3 * dot / d) + dres
         const aVec rs_v(rs);
-        const aVec coef(rs * rs * rs * horizontal_sum(dot) / static_cast<A>(d));
+        const aVec coef(rs * rs * rs * horizontal_sum(dot[0]) / static_cast<A>(d));
         A* trow = tp == nullptr ? nullptr : tp + table_row(index, t) * d;
-        for (int64_t j = 0; j < d; j += kChunk) {
-          const int64_t n = std::min(kChunk, d - j);
+        for_each_chunk<kChunk>(d, [&](int64_t j, auto n) {
+          aVec dyv[kParts], xv[kParts], wv[kParts], gv[kParts], rv[kParts];
           load_chunk(dy + off + j, n, dyv);
           load_chunk(x + off + j, n, xv);
           load_chunk(weight + j, n, wv);
@@ -307,7 +335,7 @@ void backward_rows(const T* dy, const T* dres, const T* x, const acc_t<T>* rstd,
             if (trow != nullptr) (aVec::loadu(trow + col, m) + gv[k]).store(trow + col, m);
             if (wp != nullptr) at::vec::fmadd(dyv[k], xv[k] * rs_v, aVec::loadu(wp + col, m)).store(wp + col, m);
           }
-        }
+        });
       }
     }
   });
@@ -373,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
 #define STEERING_STR2(x) #x
 #define STEERING_STR(x) STEERING_STR2(x)
 
-std::string cpu_capability() { return STEERING_STR(CPU_CAPABILITY); }
+std::string cpu_capability() { return STEERING_STR(STEERING_CPU_ISA); }
 
 }  // namespace
 

@@ -9,19 +9,25 @@ any Python error could be raised).
 import os
 import platform
 
-CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+# Best last. AVX512_BF16 is ATen's AVX512 plus the bf16 conversion instructions.
+CAPABILITIES = ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16")
 
 # gcc flags per capability; at::vec picks its vector width from CPU_CAPABILITY_*.
 COMPILE_FLAGS = {
     "DEFAULT": [],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX512_BF16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mavx512bf16"],
 }
+
+# the CPU_CAPABILITY at::vec is compiled with
+ATEN_CAPABILITY = {"DEFAULT": "DEFAULT", "AVX2": "AVX2", "AVX512": "AVX512", "AVX512_BF16": "AVX512"}
 
 _REQUIRED_CPU_FLAGS = {
     "DEFAULT": set(),
     "AVX2": {"avx2", "fma", "f16c"},
     "AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
+    "AVX512_BF16": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c", "avx512_bf16"},
 }
 
 
