@@ -14,7 +14,7 @@ contenders (round-robin), medians reported:
     ours        the backward op
     autograd    torch autograd through the eager reference
 
-  python -m benchmarks.bench_kernel                 # the full table (about 10 minutes on 2 cores)
+  python -m benchmarks.bench_kernel                 # the full table (about 2 minutes on 2 cores)
   python -m benchmarks.bench_kernel --quick         # T in {16, 4096}, d=3584 only
 """
 

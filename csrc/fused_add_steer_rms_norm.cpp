@@ -101,7 +101,7 @@ int64_t rounded_up(int64_t n, int64_t multiple) {
 }
 
 // Rows per parallel task: enough elements per task that threading pays.
-int64_t grain_rows(int64_t d) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)); }
+int64_t grain_rows(int64_t d) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)); }
 
 // ---------------------------------------------------------------------------
 // argument checks (ValueError / TypeError / IndexError in Python)
@@ -157,13 +157,34 @@ inline int64_t table_row(const I* index, int64_t t) {
 // ---------------------------------------------------------------------------
 // forward
 
-// Calls body(j, n) over [0, d) in chunks of kChunk. Full chunks get n as a
-// compile-time constant, so their loads and stores compile without masks.
+// Calls body(j, n, slot) over [0, d) in chunks of kChunk. Full chunks get n
+// as a compile-time constant, so their loads and stores compile without masks;
+// they are unrolled by kSlots, and slot (0 .. kSlots-1, also a constant) lets a
+// reduction keep kSlots independent accumulators instead of one FMA chain.
+constexpr int kSlots = 4;
+
 template <int64_t kChunk, typename Body>
 inline void for_each_chunk(int64_t d, Body&& body) {
+  using Full = std::integral_constant<int64_t, kChunk>;
+  using First = std::integral_constant<int, 0>;
   int64_t j = 0;
-  for (; j + kChunk <= d; j += kChunk) body(j, std::integral_constant<int64_t, kChunk>{});
-  if (j < d) body(j, d - j);
+  for (; j + kSlots * kChunk <= d; j += kSlots * kChunk) {
+    body(j, Full{}, First{});
+    body(j + kChunk, Full{}, std::integral_constant<int, 1>{});
+    body(j + 2 * kChunk, Full{}, std::integral_constant<int, 2>{});
+    body(j + 3 * kChunk, Full{}, std::integral_constant<int, 3>{});
+  }
+  for (; j + kChunk <= d; j += kChunk) body(j, Full{}, First{});
+  if (j < d) body(j, d - j, First{});
+}
+
+// Sum of kSlots x kParts accumulators, in a fixed order.
+template <typename aVec, int kParts>
+inline aVec sum_slots(const aVec (&acc)[kSlots][kParts]) {
+  aVec total(0);
+  for (int i = 0; i < kSlots; ++i)
+    for (int k = 0; k < kParts; ++k) total = total + acc[i][k];
+  return total;
 }
 
 template <typename T, typename I>
@@ -182,26 +203,25 @@ void forward_rows(const T* hidden, const T* residual, const acc_t<T>* table, con
       const int64_t off = t * d;  // int64: T * d can exceed 2^31
       const A* steer = table + table_row(index, t) * d;
       // sweep 1: x = hidden + residual + steer; residual_out <- x; sum of squares
-      aVec sq[kParts];
-      for (int k = 0; k < kParts; ++k) sq[k] = aVec(0);
-      for_each_chunk<kChunk>(d, [&](int64_t j, auto n) {
+      aVec sq[kSlots][kParts];
+      for (auto& slot : sq) std::fill(slot, slot + kParts, aVec(0));
+      for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto slot) {
         aVec h[kParts], r[kParts], s[kParts];
         load_chunk(hidden + off + j, n, h);
         load_chunk(residual + off + j, n, r);
         load_acc_chunk<T>(steer + j, n, s);
         for (int k = 0; k < kParts; ++k) {
           h[k] = h[k] + r[k] + s[k];
-          sq[k] = at::vec::fmadd(h[k], h[k], sq[k]);
+          sq[slot][k] = at::vec::fmadd(h[k], h[k], sq[slot][k]);
           if constexpr (kRowBuffer) h[k].store(x_row.data() + j + k * W);
         }
         store_chunk(residual_out + off + j, n, h);
       });
-      for (int k = 1; k < kParts; ++k) sq[0] = sq[0] + sq[k];
-      const A rstd = A(1) / std::sqrt(horizontal_sum(sq[0]) / static_cast<A>(d) + static_cast<A>(eps));
+      const A rstd = A(1) / std::sqrt(horizontal_sum(sum_slots(sq)) / static_cast<A>(d) + static_cast<A>(eps));
       if (rstd_out != nullptr) rstd_out[t] = rstd;
       // sweep 2 (the row is in L1/L2 now): y = x * rstd * weight
       const aVec rstd_v(rstd);
-      for_each_chunk<kChunk>(d, [&](int64_t j, auto n) {
+      for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto) {
         aVec x[kParts], w[kParts];
         if constexpr (kRowBuffer) {
           for (int k = 0; k < kParts; ++k) x[k] = aVec::loadu(x_row.data() + j + k * W);
@@ -303,21 +323,20 @@ void backward_rows(const T* dy, const T* dres, const T* x, const acc_t<T>* rstd,
         const int64_t off = t * d;
         const A rs = rstd[t];
         // sweep 1: dot = sum(weight * dy * x)
-        aVec dot[kParts];
-        for (int k = 0; k < kParts; ++k) dot[k] = aVec(0);
-        for_each_chunk<kChunk>(d, [&](int64_t j, auto n) {
+        aVec dot[kSlots][kParts];
+        for (auto& slot : dot) std::fill(slot, slot + kParts, aVec(0));
+        for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto slot) {
           aVec dyv[kParts], xv[kParts], wv[kParts];
           load_chunk(dy + off + j, n, dyv);
           load_chunk(x + off + j, n, xv);
           load_chunk(weight + j, n, wv);
-          for (int k = 0; k < kParts; ++k) dot[k] = at::vec::fmadd(wv[k] * dyv[k], xv[k], dot[k]);
+          for (int k = 0; k < kParts; ++k) dot[slot][k] = at::vec::fmadd(wv[k] * dyv[k], xv[k], dot[slot][k]);
         });
-        for (int k = 1; k < kParts; ++k) dot[0] = dot[0] + dot[k];
         // sweep 2 (the row is in L1/L2 now): g = rstd * w * dy - x * (rstd^3 * dot / d) + dres
         const aVec rs_v(rs);
-        const aVec coef(rs * rs * rs * horizontal_sum(dot[0]) / static_cast<A>(d));
+        const aVec coef(rs * rs * rs * horizontal_sum(sum_slots(dot)) / static_cast<A>(d));
         A* trow = tp == nullptr ? nullptr : tp + table_row(index, t) * d;
-        for_each_chunk<kChunk>(d, [&](int64_t j, auto n) {
+        for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto) {
           aVec dyv[kParts], xv[kParts], wv[kParts], gv[kParts], rv[kParts];
           load_chunk(dy + off + j, n, dyv);
           load_chunk(x + off + j, n, xv);
