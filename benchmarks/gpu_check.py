@@ -1,17 +1,17 @@
 """GPU check of the fused op: one prepared script, a few minutes on one GPU.
 
-  1. correctness of the compiled Triton kernels against the float64 reference
-     (functional, in place, backward; T=1 to 4096, odd d, several table rows)
-     and bitwise-repeatable d_table;
-  2. int64 offsets: T * d > 2^31 elements;
-  3. CUDA-graph capture and replay of the in-place op, with the table changed
-     in place between replays (what a hot-swap does under CUDA graphs);
-  4. bandwidth at T >= 8192 against a device-to-device copy of the same bytes
-     measured in the same run, next to vLLM's CUDA fused_add_rms_norm (when
-     vLLM is installed), eager torch and torch.compile of the reference.
-     Targets: forward >= 90% and backward >= 75% of copy bandwidth.
+1. correctness of the compiled Triton kernels against the float64 reference
+   (functional, in place, backward; T=1 to 4096, odd d, several table rows)
+   and bitwise-repeatable d_table;
+2. int64 offsets: T * d > 2^31 elements;
+3. CUDA-graph capture and replay of the in-place op, with the table changed
+   in place between replays (what a hot-swap does under CUDA graphs);
+4. bandwidth at T >= 8192 against a device-to-device copy of the same bytes
+   measured in the same run, next to vLLM's CUDA fused_add_rms_norm (when
+   vLLM is installed), eager torch and torch.compile of the reference.
+   Targets: forward >= 90% and backward >= 75% of copy bandwidth.
 
-  python -m benchmarks.gpu_check            (benchmarks/gpu_check.sh installs and runs it)
+python -m benchmarks.gpu_check            (benchmarks/gpu_check.sh installs and runs it)
 """
 
 import importlib
@@ -54,7 +54,12 @@ def inputs(T, d, R, dtype, with_index=True):
 def correctness() -> None:
     print("\n1. correctness against the float64 reference (compiled Triton)")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for T, d, R, with_index in ((1, 67, 1, False), (7, 1000, 3, True), (4096, 3584, 4, True), (333, 5120, 1, False)):
+        for T, d, R, with_index in (
+            (1, 67, 1, False),
+            (7, 1000, 3, True),
+            (4096, 3584, 4, True),
+            (333, 5120, 1, False),
+        ):
             h, r, t, idx, w = inputs(T, d, R, dtype, with_index)
             y, x, rstd = op.triton_forward(h, r, t, idx, w, EPS)
             h2, r2 = h.clone(), r.clone()
@@ -76,9 +81,11 @@ def correctness() -> None:
             )
             same = torch.equal(h2, y) and torch.equal(r2, x)
             repeat = torch.equal(g, g2) and torch.equal(dt, dt2) and torch.equal(dw, dw2)
-            check(worst <= 1 and same and repeat,
-                  f"{dtype} T={T} d={d} R={R}: worst/tolerance {worst:.2f}, in place == functional {same}, "
-                  f"backward bitwise repeatable {repeat}")
+            check(
+                worst <= 1 and same and repeat,
+                f"{dtype} T={T} d={d} R={R}: worst/tolerance {worst:.2f}, in place == functional {same}, "
+                f"backward bitwise repeatable {repeat}",
+            )
 
 
 def int64_offsets() -> None:
@@ -93,7 +100,9 @@ def int64_offsets() -> None:
     full_idx[-5:] = idx
     fused_add_steer_rms_norm_(h, r, t, full_idx, w, EPS)
     y_ref, x_ref = fused_add_steer_rms_norm_reference(th.double(), tr.double(), t.double(), idx, w.double(), EPS)
-    worst = max(max_violation(h[-5:], y_ref, 2 * ULP[torch.bfloat16]), max_violation(r[-5:], x_ref, 2 * ULP[torch.bfloat16]))
+    worst = max(
+        max_violation(h[-5:], y_ref, 2 * ULP[torch.bfloat16]), max_violation(r[-5:], x_ref, 2 * ULP[torch.bfloat16])
+    )
     check(worst <= 1, f"last rows of a {T} x {d} bf16 tensor: worst/tolerance {worst:.2f}")
     del h, r
     torch.cuda.empty_cache()
@@ -129,6 +138,30 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3  # seconds
 
 
+def bandwidth_row(dtype, T, d, has_vllm, compiled_ref) -> None:
+    h, r, t, _, w = inputs(T, d, 1, dtype, with_index=False)
+    nbytes = 4 * T * d * h.element_size()  # forward: read hidden, residual, write both; backward: read 3, write 1
+    src = torch.empty(2 * T * d, dtype=dtype, device="cuda")
+    dst = torch.empty_like(src)
+    copy_s = bench(lambda: dst.copy_(src))  # reads and writes 2*T*d elements: the same bytes
+    fwd_s = bench(lambda: fused_add_steer_rms_norm_(h, r, t, None, w, EPS))
+    _, x, rstd = op.triton_forward(h, r, t, None, w, EPS)
+    gy, gr = torch.randn_like(h), torch.randn_like(h)
+    bwd_s = bench(lambda: op.triton_backward(gy, gr, x, rstd, None, w, 1, True, False))
+    vllm_s = bench(lambda: torch.ops._C.fused_add_rms_norm(h, r, w, EPS)) if has_vllm else float("nan")
+    eager_s = bench(lambda: fused_add_steer_rms_norm_reference(h, r, t, None, w, EPS))
+    compiled_s = bench(lambda: compiled_ref(h, r, t, None, w, EPS))
+    print(
+        f"{str(dtype)[6:]:<9}{T:>7}{d:>6}{nbytes / fwd_s / 1e9:>10.0f}{nbytes / copy_s / 1e9:>8.0f}"
+        f"{copy_s / fwd_s:>9.2f}{nbytes / bwd_s / 1e9:>10.0f}{copy_s / bwd_s:>9.2f}"
+        f"{nbytes / vllm_s / 1e9:>10.0f}{nbytes / eager_s / 1e9:>8.0f}{nbytes / compiled_s / 1e9:>9.0f}",
+        flush=True,
+    )
+    if dtype == torch.bfloat16:
+        check(copy_s / fwd_s >= 0.90, f"forward >= 90% of copy at T={T} d={d}: {copy_s / fwd_s:.2f}")
+        check(copy_s / bwd_s >= 0.75, f"backward >= 75% of copy at T={T} d={d}: {copy_s / bwd_s:.2f}")
+
+
 def bandwidth() -> None:
     print("\n4. bandwidth (GB/s = bytes moved / median time), ratios vs a device copy of the same bytes")
     try:
@@ -138,32 +171,13 @@ def bandwidth() -> None:
     except Exception:  # vLLM absent or not built for this GPU
         has_vllm = False
     compiled_ref = torch.compile(fused_add_steer_rms_norm_reference)
-    print(f"{'dtype':<9}{'T':>7}{'d':>6}{'fwd GB/s':>10}{'copy':>8}{'fwd/copy':>9}{'bwd GB/s':>10}{'bwd/copy':>9}"
-          f"{'vllm GB/s':>10}{'eager':>8}{'compile':>9}")
+    print(
+        f"{'dtype':<9}{'T':>7}{'d':>6}{'fwd GB/s':>10}{'copy':>8}{'fwd/copy':>9}{'bwd GB/s':>10}{'bwd/copy':>9}"
+        f"{'vllm GB/s':>10}{'eager':>8}{'compile':>9}"
+    )
     for dtype in (torch.bfloat16, torch.float32):
         for T, d in ((8192, 3584), (8192, 5120), (32768, 3584), (32768, 5120)):
-            h, r, t, _, w = inputs(T, d, 1, dtype, with_index=False)
-            es = h.element_size()
-            src, dst = torch.empty(2 * T * d, dtype=dtype, device="cuda"), torch.empty(2 * T * d, dtype=dtype, device="cuda")
-            fwd_bytes = 4 * T * d * es  # read hidden, residual; write both
-            copy_s = bench(lambda: dst.copy_(src))  # reads and writes 2*T*d elements: the same bytes
-            fwd_s = bench(lambda: fused_add_steer_rms_norm_(h, r, t, None, w, EPS))
-            _, x, rstd = op.triton_forward(h, r, t, None, w, EPS)
-            gy, gr = torch.randn_like(h), torch.randn_like(h)
-            bwd_s = bench(lambda: op.triton_backward(gy, gr, x, rstd, None, w, 1, True, False))
-            bwd_bytes = 4 * T * d * es  # read grad_y, grad_residual, x; write g
-            vllm_s = bench(lambda: torch.ops._C.fused_add_rms_norm(h, r, w, EPS)) if has_vllm else float("nan")
-            eager_s = bench(lambda: fused_add_steer_rms_norm_reference(h, r, t, None, w, EPS))
-            compiled_s = bench(lambda: compiled_ref(h, r, t, None, w, EPS))
-            gbps = lambda nbytes, s: nbytes / s / 1e9  # noqa: E731
-            print(f"{str(dtype)[6:]:<9}{T:>7}{d:>6}{gbps(fwd_bytes, fwd_s):>10.0f}{gbps(fwd_bytes, copy_s):>8.0f}"
-                  f"{copy_s / fwd_s:>9.2f}{gbps(bwd_bytes, bwd_s):>10.0f}{copy_s / bwd_s:>9.2f}"
-                  f"{gbps(fwd_bytes, vllm_s):>10.0f}{gbps(fwd_bytes, eager_s):>8.0f}{gbps(fwd_bytes, compiled_s):>9.0f}",
-                  flush=True)
-            if dtype == torch.bfloat16:
-                check(copy_s / fwd_s >= 0.90, f"forward >= 90% of copy at T={T} d={d}: {copy_s / fwd_s:.2f}")
-                check(copy_s / bwd_s >= 0.75, f"backward >= 75% of copy at T={T} d={d}: {copy_s / bwd_s:.2f}")
-            del h, r, src, dst, x, gy, gr
+            bandwidth_row(dtype, T, d, has_vllm, compiled_ref)
 
 
 def main() -> None:

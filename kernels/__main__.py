@@ -49,7 +49,9 @@ def check(device: str, dtype: torch.dtype, T: int, d: int, R: int = 4) -> dict[s
         fused_add_steer_rms_norm_(h_, r_, table, index, weight, EPS)
     else:  # the Triton launchers directly, so the same code runs under the interpreter
         y, x, rstd = op_module.triton_forward(hidden, residual, table, index, weight, EPS)
-        g, d_table, _ = op_module.triton_backward(grad_y.to(device, dtype), None, x, rstd, index, weight, R, True, False)
+        g, d_table, _ = op_module.triton_backward(
+            grad_y.to(device, dtype), None, x, rstd, index, weight, R, True, False
+        )
         grads = (g, d_table)
         h_, r_ = hidden.clone(), residual.clone()
         op_module.triton_forward_(h_, r_, table, index, weight, EPS)
@@ -87,17 +89,22 @@ def main() -> None:
     T, d, dtype = 512, 3584, torch.bfloat16
     hidden, residual = torch.randn(T, d, dtype=dtype), torch.randn(T, d, dtype=dtype)
     table, weight = torch.randn(1, d), torch.ones(d, dtype=dtype)
-    timings = {"fused add + steer + RMSNorm (ours)": median_seconds(
-        lambda: fused_add_steer_rms_norm_(hidden, residual, table, None, weight, EPS))}
+    timings = {
+        "fused add + steer + RMSNorm (ours)": median_seconds(
+            lambda: fused_add_steer_rms_norm_(hidden, residual, table, None, weight, EPS)
+        )
+    }
     try:
         import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
 
         timings["vLLM fused_add_rms_norm (no steering)"] = median_seconds(
-            lambda: torch.ops._C.fused_add_rms_norm(hidden, residual, weight, EPS))
+            lambda: torch.ops._C.fused_add_rms_norm(hidden, residual, weight, EPS)
+        )
     except (ImportError, AttributeError):
         pass
     timings["eager torch (add, add, RMSNorm)"] = median_seconds(
-        lambda: fused_add_steer_rms_norm_reference(hidden, residual, table, None, weight, EPS))
+        lambda: fused_add_steer_rms_norm_reference(hidden, residual, table, None, weight, EPS)
+    )
     ours = timings["fused add + steer + RMSNorm (ours)"]
     print(f"\nCPU, T={T}, d={d}, bf16, in place, {torch.get_num_threads()} threads (median of 30)")
     for name, seconds in timings.items():

@@ -194,7 +194,9 @@ def _check_forward_args(hidden, residual, table, index, weight) -> None:
         )
     for name, t in (("residual", residual), ("weight", weight)):
         if t.dtype != hidden.dtype:
-            raise TypeError(f"fused_add_steer_rms_norm: {name} dtype {t.dtype} does not match hidden dtype {hidden.dtype}")
+            raise TypeError(
+                f"fused_add_steer_rms_norm: {name} dtype {t.dtype} does not match hidden dtype {hidden.dtype}"
+            )
     if table.dtype != torch.float32:
         raise TypeError(f"fused_add_steer_rms_norm: table must be float32, got {table.dtype}")
     for name, t in (("hidden", hidden), ("residual", residual), ("table", table), ("weight", weight)):
@@ -262,7 +264,9 @@ def triton_forward(hidden, residual, table, index, weight, eps):
 def _sum_partials(partials: torch.Tensor, out: torch.Tensor) -> None:
     n_elements = out.numel()
     block = 1024
-    _sum_partials_kernel[(triton.cdiv(n_elements, block),)](partials, out, partials.shape[0], n_elements, BLOCK_SIZE=block)
+    _sum_partials_kernel[(triton.cdiv(n_elements, block),)](
+        partials, out, partials.shape[0], n_elements, BLOCK_SIZE=block
+    )
 
 
 def triton_backward(

@@ -187,7 +187,9 @@ def test_autograd_matches_reference_with_frozen_weight():
     assert y.shape == shape and residual_out.shape == shape
     grad_y, grad_res = torch.randn_like(y), torch.randn_like(residual_out)
     torch.autograd.backward([y, residual_out], [grad_y, grad_res])
-    dh_ref, _, dt_ref, _ = reference_grads(hidden, residual, table, index, weight, grad_y.view(T, d), grad_res.view(T, d))
+    dh_ref, _, dt_ref, _ = reference_grads(
+        hidden, residual, table, index, weight, grad_y.view(T, d), grad_res.view(T, d)
+    )
     assert weight.grad is None
     assert_close(h.grad.view(T, d), dh_ref, BWD_ULPS * ULP[torch.float32], "grad hidden")
     assert_close(r.grad.view(T, d), dh_ref, BWD_ULPS * ULP[torch.float32], "grad residual")
@@ -235,8 +237,10 @@ def _opcheck_samples(device):
 
 def test_opcheck_inplace_and_functional_ops():
     for args in _opcheck_samples("cpu"):
-        torch.library.opcheck(torch.ops.steering.fused_add_steer_rms_norm_.default, [a.clone() if
-                              isinstance(a, torch.Tensor) else a for a in args])
+        torch.library.opcheck(
+            torch.ops.steering.fused_add_steer_rms_norm_.default,
+            [a.clone() if isinstance(a, torch.Tensor) else a for a in args],
+        )
         hidden, residual, table, index, weight, eps = args
         grad_args = (hidden.requires_grad_(), residual.requires_grad_(), table.requires_grad_(), index, weight, eps)
         torch.library.opcheck(torch.ops.steering.fused_add_steer_rms_norm_fwd.default, grad_args)
@@ -290,12 +294,21 @@ def _bad_arguments(device):
         ("hidden_1d", lambda a: (a[0][0], a[1][0]) + a[2:], ValueError, "hidden must be 2-D"),
         ("residual_dtype", lambda a: (a[0], a[1].half()) + a[2:], TypeError, "residual dtype"),
         ("table_dtype", replace(2, torch.zeros(2, 64, dtype=torch.float16, device=device)), TypeError, "table must be"),
-        ("index_dtype", replace(3, torch.zeros(6, dtype=f32, device=device)), TypeError, "index must be int64 or int32"),
+        (
+            "index_dtype",
+            replace(3, torch.zeros(6, dtype=f32, device=device)),
+            TypeError,
+            "index must be int64 or int32",
+        ),
         ("index_shape", replace(3, torch.zeros(5, dtype=torch.long, device=device)), ValueError, "index must be [T=6]"),
         ("index_range", replace(3, torch.tensor([0, 1, 2, 0, 1, 0], device=device)), IndexError, "got min 0 max 2"),
         ("index_negative", replace(3, torch.tensor([0, -1, 0, 0, 1, 0], device=device)), IndexError, "[0, 2)"),
-        ("residual_noncontiguous", lambda a: (a[0], a[1].t().contiguous().t()) + a[2:], ValueError,
-         "residual must be contiguous"),
+        (
+            "residual_noncontiguous",
+            lambda a: (a[0], a[1].t().contiguous().t()) + a[2:],
+            ValueError,
+            "residual must be contiguous",
+        ),
     ]
 
 
