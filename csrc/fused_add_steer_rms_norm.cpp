@@ -165,6 +165,7 @@ constexpr int kSlots = 4;
 
 template <int64_t kChunk, typename Body>
 inline void for_each_chunk(int64_t d, Body&& body) {
+  static_assert(kSlots == 4, "the unrolled loop below calls body once per slot");
   using Full = std::integral_constant<int64_t, kChunk>;
   using First = std::integral_constant<int, 0>;
   int64_t j = 0;
