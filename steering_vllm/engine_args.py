@@ -1,0 +1,108 @@
+"""What the plugin adds to vLLM's ``EngineArgs``: the ``--steering-*`` flags and an early check of the vectors.
+
+vLLM has no hook for plugin arguments, so ``install()`` wraps three ``EngineArgs`` methods (vLLM loads general
+plugins, and so calls ``install()``, before it uses any of them):
+
+- ``add_cli_args``: adds ``--steering-vectors`` and ``--steering-scale`` (``vllm serve`` and friends);
+- ``from_cli_args``: routes them into ``additional_config``, which reaches the model in every worker;
+- ``create_engine_config``: checks the vectors against the model's config in the caller's process, so a
+  wrong file fails at once with its own error instead of as a dead worker behind a generic RuntimeError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from steering_vllm.config import SCALE_KEY, VECTORS_KEY, steering_options
+from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+
+
+def install() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, "_steering_vllm_installed", False):
+        return
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__
+    original_create = EngineArgs.create_engine_config
+
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original_add(parser, *args, **kwargs)
+        add_steering_args(parser)
+        return parser
+
+    def from_cli_args(cls, args: argparse.Namespace):
+        engine_args = original_from(cls, args)
+        route_steering_args(args, engine_args)
+        return engine_args
+
+    def create_engine_config(self, *args, **kwargs):
+        vllm_config = original_create(self, *args, **kwargs)
+        check_vectors_against_model(vllm_config)
+        return vllm_config
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
+    EngineArgs._steering_vllm_installed = True
+
+
+def add_steering_args(parser: argparse.ArgumentParser) -> None:
+    if any("--steering-vectors" in action.option_strings for action in parser._actions):
+        return
+    group = parser.add_argument_group("Steering", "Per-layer steering vectors (steering-vllm plugin).")
+    group.add_argument(
+        "--steering-vectors",
+        type=_vectors_file,
+        default=None,
+        metavar="PATH",
+        help="Steering vectors to serve with: our .safetensors format, an HF checkpoint with "
+        "mlp.down_proj.bias tensors, the paper's .npy [L, d] or a GGUF control vector. Checked against the "
+        "model when the engine starts. Default: none (all zero; output equals stock vLLM).",
+    )
+    group.add_argument(
+        "--steering-scale",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="Multiply the steering vectors by this factor (default 1.0).",
+    )
+
+
+def route_steering_args(args: argparse.Namespace, engine_args) -> None:
+    path = getattr(args, "steering_vectors", None)
+    if path is None:
+        return
+    additional_config = dict(engine_args.additional_config or {})
+    additional_config[VECTORS_KEY] = path
+    additional_config[SCALE_KEY] = getattr(args, "steering_scale", 1.0)
+    engine_args.additional_config = additional_config
+
+
+def _vectors_file(value: str) -> str:
+    """Check the file on its own (format, names, shapes, values) before any engine starts."""
+    path = os.path.abspath(value)
+    try:
+        SteeringVectors.load(path)
+    except SteeringVectorsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return path
+
+
+def check_vectors_against_model(vllm_config) -> None:
+    """Raise SteeringVectorsError unless the configured vectors fit the model (architecture, layers, width)."""
+    from steering_vllm.plugin import ARCHITECTURES
+
+    path, _ = steering_options(vllm_config.additional_config)
+    if path is None:
+        return
+    model_config = vllm_config.model_config
+    architectures = list(getattr(model_config.hf_config, "architectures", None) or [])
+    if not set(architectures) & set(ARCHITECTURES):
+        raise SteeringVectorsError(
+            f"{path}: model {model_config.model} is {architectures}; steering supports {sorted(ARCHITECTURES)}"
+        )
+    text_config = model_config.hf_text_config
+    vectors = SteeringVectors.load(path, num_layers=text_config.num_hidden_layers)
+    vectors.check_compatible(text_config.num_hidden_layers, text_config.hidden_size, model_config.model)

@@ -1,0 +1,76 @@
+"""Steered Qwen2 and Llama: vLLM's own classes with the norms after layers 0..L-1 swapped for SteeredRMSNorm.
+
+Registered under the built-in architecture names by ``steering_vllm.plugin``, so every Qwen2 / Qwen2.5 /
+Qwen2.5-Math / Llama-3.x checkpoint is served steered, with the base checkpoint unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.utils import PPMissingLayer
+
+from steering_vllm.config import steering_options
+from steering_vllm.norm import SteeredRMSNorm
+from steering_vllm.vectors import SteeringVectors
+
+logger = init_logger(__name__)
+
+
+class SteeringMixin:
+    """Installs the steered norms this rank holds and loads the vectors named in ``additional_config``.
+
+    With pipeline parallelism a rank holds layers [start, end): it steers the input norms of those layers
+    (vectors start-1 .. end-2) and, on the last rank, the final norm (vector L-1). With tensor parallelism
+    the residual stream is replicated, so every rank holds full vectors.
+    """
+
+    def _install_steering(self, vllm_config: VllmConfig) -> None:
+        decoder = self.model
+        self.steering_num_layers = self.config.num_hidden_layers
+        self.steering_hidden_size = self.config.hidden_size
+        for idx in range(max(decoder.start_layer, 1), decoder.end_layer):
+            layer = decoder.layers[idx]
+            layer.input_layernorm = SteeredRMSNorm.replacing(layer.input_layernorm, steered_layer=idx - 1)
+        if not isinstance(decoder.norm, PPMissingLayer):
+            decoder.norm = SteeredRMSNorm.replacing(decoder.norm, steered_layer=self.steering_num_layers - 1)
+
+        path, scale = steering_options(vllm_config.additional_config)
+        if path is not None:
+            model_name = vllm_config.model_config.model
+            vectors = SteeringVectors.load(path, num_layers=self.steering_num_layers)
+            self.set_steering(vectors.scale(scale) if scale != 1.0 else vectors, model_name)
+            logger.info("steering: %s (scale %s), content hash %s", path, scale, vectors.content_hash()[:12])
+
+    def steering_norms(self) -> list[SteeredRMSNorm]:
+        return [m for m in self.modules() if isinstance(m, SteeredRMSNorm)]
+
+    def set_steering(self, vectors: SteeringVectors, model_name: str | None = None) -> None:
+        """Copy ``vectors`` into this rank's steering buffers, in place (addresses never change)."""
+        vectors.check_compatible(self.steering_num_layers, self.steering_hidden_size, model_name)
+        table = vectors.to_tensor()
+        with torch.no_grad():
+            for norm in self.steering_norms():
+                norm.steering_table[0].copy_(table[norm.steered_layer])
+
+    def get_steering(self) -> torch.Tensor:
+        """[L, d] float32 copy of the vectors this rank holds (zero rows for layers held by other ranks)."""
+        table = torch.zeros(self.steering_num_layers, self.steering_hidden_size)
+        for norm in self.steering_norms():
+            table[norm.steered_layer] = norm.steering_table[0].cpu()
+        return table
+
+
+class SteeredQwen2ForCausalLM(SteeringMixin, Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._install_steering(vllm_config)
+
+
+class SteeredLlamaForCausalLM(SteeringMixin, LlamaForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._install_steering(vllm_config)

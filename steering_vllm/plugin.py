@@ -1,0 +1,17 @@
+"""The ``vllm.general_plugins`` entry point: vLLM calls ``register()`` in every process it starts."""
+
+ARCHITECTURES = {
+    "Qwen2ForCausalLM": "steering_vllm.models:SteeredQwen2ForCausalLM",
+    "LlamaForCausalLM": "steering_vllm.models:SteeredLlamaForCausalLM",
+}
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    from steering_vllm import engine_args
+
+    for architecture, model_class in ARCHITECTURES.items():
+        # A "module:Class" string keeps the model module (and torch ops) unimported until a model is built.
+        ModelRegistry.register_model(architecture, model_class)
+    engine_args.install()

@@ -1,0 +1,250 @@
+"""Per-layer steering vectors and the safetensors file format (DESIGN.md §4).
+
+A file holds one float32 tensor of shape [hidden_size] per steered layer, named
+``layers.{l}`` (l = the decoder layer whose output it is added to); layers not in
+the file are zero. Other formats (.npy, HF checkpoints, GGUF) are read and written
+by explicit conversion in ``steering_vllm.formats``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+FORMAT = "steering-vectors"
+FORMAT_VERSION = "1"
+SITE = "block_output"
+_TENSOR_NAME = re.compile(r"^layers\.(0|[1-9][0-9]*)$")
+
+
+class SteeringVectorsError(ValueError):
+    """A steering-vector file or tensor that cannot be used; the message names the source and the problem."""
+
+
+class SteeringVectors:
+    """One d-vector per decoder layer, float32, zero where absent.
+
+    ``vectors`` maps a layer index to a 1-D float32 tensor of length ``hidden_size``.
+    Instances are treated as immutable: ``scale`` and ``select_layers`` return new ones.
+    """
+
+    def __init__(
+        self,
+        vectors: dict[int, torch.Tensor],
+        num_layers: int,
+        hidden_size: int,
+        model: str | None = None,
+        source: str = "<tensors>",
+    ):
+        self.num_layers = int(num_layers)
+        self.hidden_size = int(hidden_size)
+        self.model = model
+        self.source = source
+        if self.num_layers < 1 or self.hidden_size < 1:
+            raise SteeringVectorsError(
+                f"{source}: num_layers and hidden_size must be positive, got {num_layers} and {hidden_size}"
+            )
+        self.vectors: dict[int, torch.Tensor] = {}
+        for layer, vector in sorted(vectors.items()):
+            self.vectors[int(layer)] = _checked_vector(vector, int(layer), self.num_layers, self.hidden_size, source)
+
+    # ---- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def zeros(cls, num_layers: int, hidden_size: int, model: str | None = None) -> SteeringVectors:
+        return cls({}, num_layers, hidden_size, model=model, source="<zeros>")
+
+    @classmethod
+    def from_tensor(cls, table: torch.Tensor, model: str | None = None, source: str = "<tensor>") -> SteeringVectors:
+        """From a [num_layers, hidden_size] tensor; all-zero rows are left out of the file."""
+        if table.dim() != 2:
+            raise SteeringVectorsError(f"{source}: expected a [num_layers, hidden_size] tensor, got {tuple(table.shape)}")
+        table = _as_float32(table.detach().cpu(), source, "table")
+        vectors = {layer: row for layer, row in enumerate(table) if bool(row.any())}
+        return cls(vectors, table.shape[0], table.shape[1], model=model, source=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, num_layers: int | None = None) -> SteeringVectors:
+        """Read our format, or convert a paper-code .npy, an HF checkpoint with ``down_proj.bias``, or a GGUF file.
+
+        ``num_layers`` is used only by formats that do not record the layer count (GGUF, HF checkpoints
+        without a config.json); otherwise it is inferred from the highest layer present.
+        """
+        from steering_vllm import formats  # formats imports this module
+
+        return formats.load_any(Path(path), num_layers)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> SteeringVectors:
+        """Parse safetensors bytes in our format (e.g. an HTTP request body)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            tensors = load_safetensors(data)
+            metadata = _read_header_metadata(data)
+        except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+            raise SteeringVectorsError(f"{source}: not a readable safetensors file ({e})") from None
+        return cls._from_safetensors(tensors, metadata, source)
+
+    @classmethod
+    def _from_safetensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str):
+        fmt = metadata.get("format")
+        if fmt != FORMAT:
+            raise SteeringVectorsError(f"{source}: metadata 'format' is {fmt!r}, expected {FORMAT!r}")
+        version = metadata.get("format_version")
+        if version != FORMAT_VERSION:
+            raise SteeringVectorsError(
+                f"{source}: metadata 'format_version' is {version!r}; this version reads {FORMAT_VERSION!r}"
+            )
+        num_layers = _int_metadata(metadata, "num_layers", source)
+        hidden_size = _int_metadata(metadata, "hidden_size", source)
+        site = metadata.get("site", SITE)
+        if site != SITE:
+            raise SteeringVectorsError(f"{source}: metadata 'site' is {site!r}; only {SITE!r} is supported")
+        vectors = {}
+        for name, tensor in tensors.items():
+            match = _TENSOR_NAME.match(name)
+            if match is None:
+                raise SteeringVectorsError(f"{source}: unknown tensor name {name!r} (expected 'layers.<index>')")
+            vectors[int(match.group(1))] = tensor
+        for layer in vectors:
+            if layer >= num_layers:
+                raise SteeringVectorsError(
+                    f"{source}: tensor 'layers.{layer}': layer index out of range for num_layers={num_layers}"
+                )
+        return cls(vectors, num_layers, hidden_size, model=metadata.get("model"), source=source)
+
+    # ---- output -------------------------------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, str]:
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "hidden_size": str(self.hidden_size),
+            "num_layers": str(self.num_layers),
+            "site": SITE,
+        }
+        if self.model:
+            meta["model"] = self.model
+        return meta
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        return save(self._named_tensors(), metadata=self.metadata())
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write our format (``.safetensors``), llama.cpp's GGUF (``.gguf``) or the paper's ``.npy``.
+
+        The file is written to a temporary name first and renamed, so a reader never sees half a file.
+        """
+        from steering_vllm import formats
+
+        return formats.save_any(self, Path(path))
+
+    def to_tensor(self) -> torch.Tensor:
+        """[num_layers, hidden_size] float32, zero rows for absent layers."""
+        table = torch.zeros(self.num_layers, self.hidden_size, dtype=torch.float32)
+        for layer, vector in self.vectors.items():
+            table[layer] = vector
+        return table
+
+    def _named_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"layers.{layer}": vector.contiguous() for layer, vector in self.vectors.items()}
+
+    # ---- transforms ---------------------------------------------------------------------------------------
+
+    def scale(self, factor: float) -> SteeringVectors:
+        if not math.isfinite(factor):
+            raise SteeringVectorsError(f"{self.source}: scale must be finite, got {factor}")
+        vectors = {layer: vector * factor for layer, vector in self.vectors.items()}
+        return SteeringVectors(vectors, self.num_layers, self.hidden_size, self.model, self.source)
+
+    def select_layers(self, layers: Iterable[int]) -> SteeringVectors:
+        """Keep only the given layers' vectors; the others become zero."""
+        keep = set()
+        for layer in layers:
+            if not 0 <= layer < self.num_layers:
+                raise SteeringVectorsError(f"{self.source}: layer {layer} out of range for num_layers={self.num_layers}")
+            keep.add(layer)
+        vectors = {layer: vector for layer, vector in self.vectors.items() if layer in keep}
+        return SteeringVectors(vectors, self.num_layers, self.hidden_size, self.model, self.source)
+
+    # ---- checks and summaries -----------------------------------------------------------------------------
+
+    def check_compatible(self, num_layers: int, hidden_size: int, model: str | None = None) -> None:
+        """Raise unless these vectors fit a model with ``num_layers`` decoder layers of width ``hidden_size``."""
+        where = f" ({model})" if model else ""
+        if self.hidden_size != hidden_size:
+            raise SteeringVectorsError(
+                f"{self.source}: hidden_size {self.hidden_size} does not match the model's {hidden_size}{where}"
+            )
+        if self.num_layers != num_layers:
+            raise SteeringVectorsError(
+                f"{self.source}: num_layers {self.num_layers} does not match the model's {num_layers}{where}"
+            )
+
+    def norms(self) -> list[float]:
+        """L2 norm of each layer's vector (0.0 for absent layers)."""
+        return [float(v) for v in self.to_tensor().norm(dim=1)]
+
+    def content_hash(self) -> str:
+        """sha256 of the shape and the float32 values; independent of file format, metadata and layer order."""
+        digest = hashlib.sha256(f"{self.num_layers}x{self.hidden_size}:".encode())
+        digest.update(self.to_tensor().numpy().tobytes())
+        return digest.hexdigest()
+
+    def __repr__(self) -> str:
+        return (
+            f"SteeringVectors(num_layers={self.num_layers}, hidden_size={self.hidden_size}, "
+            f"layers={sorted(self.vectors)}, source={self.source!r})"
+        )
+
+
+def _as_float32(tensor: torch.Tensor, source: str, name: str) -> torch.Tensor:
+    if not (tensor.is_floating_point()):
+        raise SteeringVectorsError(f"{source}: tensor {name!r} has dtype {tensor.dtype}, expected float32")
+    return tensor.to(torch.float32)
+
+
+def _checked_vector(vector, layer: int, num_layers: int, hidden_size: int, source: str) -> torch.Tensor:
+    name = f"layers.{layer}"
+    if not 0 <= layer < num_layers:
+        raise SteeringVectorsError(f"{source}: tensor {name!r}: layer index out of range for num_layers={num_layers}")
+    vector = torch.as_tensor(vector)
+    if vector.dim() != 1:
+        raise SteeringVectorsError(f"{source}: tensor {name!r} has shape {tuple(vector.shape)}, expected 1-D")
+    if vector.shape[0] != hidden_size:
+        raise SteeringVectorsError(
+            f"{source}: tensor {name!r} has shape {tuple(vector.shape)}, expected ({hidden_size},) = hidden_size"
+        )
+    vector = _as_float32(vector.detach().cpu(), source, name).contiguous()
+    if not bool(torch.isfinite(vector).all()):
+        bad = "NaN" if bool(torch.isnan(vector).any()) else "Inf"
+        raise SteeringVectorsError(f"{source}: tensor {name!r} contains {bad} values")
+    return vector.clone()
+
+
+def _int_metadata(metadata: dict[str, str], key: str, source: str) -> int:
+    value = metadata.get(key)
+    if value is None:
+        raise SteeringVectorsError(f"{source}: metadata {key!r} is missing")
+    try:
+        return int(value)
+    except ValueError:
+        raise SteeringVectorsError(f"{source}: metadata {key!r} is {value!r}, expected an integer") from None
+
+
+def _read_header_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header (safetensors.torch.load drops it)."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return header.get("__metadata__") or {}

@@ -1,0 +1,74 @@
+"""Tiny Qwen2 / Llama checkpoints built from configs (random weights, a BPE tokenizer trained here).
+
+head_dim is 64 because vLLM's CPU attention does not support smaller heads (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB_SIZE = 512
+HIDDEN_SIZE = 128
+NUM_LAYERS = 4
+
+
+def _corpus():
+    words = "the a one two three four five six seven eight nine ten plus minus times equals answer is so".split()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        idx = torch.randint(len(words), (12,), generator=g)
+        yield " ".join(words[i] for i in idx) + f" {int(torch.randint(1000, (1,), generator=g))}."
+
+
+def build_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_tiny_model(directory: Path, family: str, seed: int = 0) -> Path:
+    """Write a random-weight checkpoint of ``family`` ('qwen2' or 'llama') and its tokenizer to ``directory``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    directory = Path(directory)
+    tokenizer = build_tokenizer(directory)
+    common = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=256,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        torch_dtype="float32",
+    )
+    if family == "qwen2":
+        config, model_class = Qwen2Config(**common), Qwen2ForCausalLM
+    elif family == "llama":
+        config, model_class = LlamaConfig(**common), LlamaForCausalLM
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = model_class(config).to(torch.float32)
+    model.save_pretrained(directory)
+    return directory
