@@ -65,7 +65,9 @@ class SteeringVectors:
     def from_tensor(cls, table: torch.Tensor, model: str | None = None, source: str = "<tensor>") -> SteeringVectors:
         """From a [num_layers, hidden_size] tensor; all-zero rows are left out of the file."""
         if table.dim() != 2:
-            raise SteeringVectorsError(f"{source}: expected a [num_layers, hidden_size] tensor, got {tuple(table.shape)}")
+            raise SteeringVectorsError(
+                f"{source}: expected a [num_layers, hidden_size] tensor, got {tuple(table.shape)}"
+            )
         table = _as_float32(table.detach().cpu(), source, "table")
         vectors = {layer: row for layer, row in enumerate(table) if bool(row.any())}
         return cls(vectors, table.shape[0], table.shape[1], model=model, source=source)
@@ -173,7 +175,9 @@ class SteeringVectors:
         keep = set()
         for layer in layers:
             if not 0 <= layer < self.num_layers:
-                raise SteeringVectorsError(f"{self.source}: layer {layer} out of range for num_layers={self.num_layers}")
+                raise SteeringVectorsError(
+                    f"{self.source}: layer {layer} out of range for num_layers={self.num_layers}"
+                )
             keep.add(layer)
         vectors = {layer: vector for layer, vector in self.vectors.items() if layer in keep}
         return SteeringVectors(vectors, self.num_layers, self.hidden_size, self.model, self.source)

@@ -35,4 +35,5 @@ def tiny_model_dirs(tmp_path_factory):
     """{'qwen2': path, 'llama': path}: tiny random checkpoints, built once per session."""
     from tiny_models import build_tiny_model
 
-    return {family: build_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family) for family in ("qwen2", "llama")}
+    families = ("qwen2", "llama")
+    return {family: build_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family) for family in families}

@@ -1,0 +1,57 @@
+"""Convert steering vectors between formats: ``python -m steering_vllm.convert INPUT OUTPUT``.
+
+INPUT: our .safetensors, an HF checkpoint (file or directory) with ``mlp.down_proj.bias`` tensors, the
+paper code's .npy [L, d], or a llama.cpp / repeng GGUF control vector. OUTPUT's extension picks the
+format: .safetensors (ours), .gguf (llama.cpp) or .npy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+
+
+def parse_layers(text: str) -> list[int]:
+    """'1,3,5-8' -> [1, 3, 5, 6, 7, 8]."""
+    layers: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        start, _, end = part.partition("-")
+        try:
+            layers.extend(range(int(start), int(end or start) + 1))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad layer list {text!r} (expected e.g. '1,3,5-8')") from None
+    return layers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m steering_vllm.convert", description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="vectors to read (.safetensors, .npy, .gguf, or an HF checkpoint directory)")
+    parser.add_argument("output", help="file to write; .safetensors (ours), .gguf (llama.cpp) or .npy")
+    parser.add_argument("--num-layers", type=int, help="model's layer count, for inputs that do not record it (GGUF)")
+    parser.add_argument("--model", help="base model name or path to record in the output's metadata")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the vectors by this factor")
+    parser.add_argument("--layers", type=parse_layers, help="keep only these layers, e.g. '1-20' (others become 0)")
+    args = parser.parse_args(argv)
+    try:
+        vectors = SteeringVectors.load(args.input, num_layers=args.num_layers)
+        if args.layers is not None:
+            vectors = vectors.select_layers(args.layers)
+        if args.scale != 1.0:
+            vectors = vectors.scale(args.scale)
+        if args.model:
+            vectors.model = args.model
+        vectors.save(args.output)
+    except SteeringVectorsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.output}: {len(vectors.vectors)} of {vectors.num_layers} layers, hidden_size "
+        f"{vectors.hidden_size}, content hash {vectors.content_hash()[:16]}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Print a steering-vector file's metadata and per-layer norms: ``python -m steering_vllm.inspect FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+
+
+def summary(vectors: SteeringVectors) -> dict:
+    return {
+        "source": vectors.source,
+        "model": vectors.model,
+        "num_layers": vectors.num_layers,
+        "hidden_size": vectors.hidden_size,
+        "layers": sorted(vectors.vectors),
+        "norms": vectors.norms(),
+        "content_hash": vectors.content_hash(),
+    }
+
+
+def format_summary(info: dict) -> str:
+    lines = [
+        f"source       {info['source']}",
+        f"model        {info['model'] or '-'}",
+        f"num_layers   {info['num_layers']}",
+        f"hidden_size  {info['hidden_size']}",
+        f"layers set   {len(info['layers'])}",
+        f"content hash {info['content_hash']}",
+        "",
+        "layer      norm",
+    ]
+    present = set(info["layers"])
+    for layer, norm in enumerate(info["norms"]):
+        lines.append(f"{layer:5d}  {norm:8.4f}" + ("" if layer in present else "  (absent)"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m steering_vllm.inspect", description=__doc__)
+    parser.add_argument("path", help="vectors in any readable format (.safetensors, .npy, .gguf, HF checkpoint)")
+    parser.add_argument("--num-layers", type=int, help="model's layer count, for inputs that do not record it")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        info = summary(SteeringVectors.load(args.path, num_layers=args.num_layers))
+    except SteeringVectorsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2) if args.json else format_summary(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

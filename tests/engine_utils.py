@@ -1,0 +1,123 @@
+"""Running the real vLLM engine (CPU) in tests, and the independent HF reference it is compared with.
+
+The reference is an HF transformers model with forward hooks that add s_l to decoder layer l's output: the
+method's definition, implemented without our op or plugin.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    # lets tests ask the worker for its model class (LLM.apply_model sends a callable)
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+}
+ENGINE_KWARGS = dict(dtype="float32", gpu_memory_utilization=0.05, max_model_len=1024, seed=0)
+for key, value in ENGINE_ENV.items():
+    os.environ.setdefault(key, value)
+
+
+def random_prompts(count: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab_size, (length,), generator=g).tolist() for _ in range(count)]
+
+
+def start_engine(model_dir, **kwargs):
+    from vllm import LLM
+
+    return LLM(str(model_dir), **{**ENGINE_KWARGS, **kwargs})
+
+
+def greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[dict]:
+    """[{'tokens': [...], 'logprobs': [...]}] for greedy decoding, with the sampled tokens' logprobs."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    results = []
+    for output in outputs:
+        completion = output.outputs[0]
+        logprobs = [entry[token].logprob for token, entry in zip(completion.token_ids, completion.logprobs)]
+        results.append({"tokens": list(completion.token_ids), "logprobs": logprobs})
+    return results
+
+
+def model_class_name(llm) -> str:
+    # a lambda would not pickle; attrgetter pickles by its attribute path
+    return llm.apply_model(operator.attrgetter("__class__.__name__"))[0]
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+def hf_reference(model_dir, table: torch.Tensor | None, prompts, generations) -> list[dict]:
+    """Teacher-forced HF logprobs of the generated tokens, and the HF argmax at each step."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    if table is not None:
+        for layer, block in enumerate(model.model.layers):
+            block.register_forward_hook(_add_to_output(table[layer]))
+    results = []
+    with torch.no_grad():
+        for prompt, generation in zip(prompts, generations):
+            ids = torch.tensor([prompt + generation["tokens"]])
+            logprobs = model(ids).logits[0].log_softmax(-1)[len(prompt) - 1 : -1]
+            tokens = torch.tensor(generation["tokens"])
+            results.append(
+                {
+                    "argmax": logprobs.argmax(-1).tolist(),
+                    "logprobs": logprobs.gather(1, tokens[:, None])[:, 0].tolist(),
+                }
+            )
+    return results
+
+
+def _add_to_output(vector):
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + vector, *output[1:])
+        return output + vector
+
+    return hook
+
+
+def max_abs_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def greedy_in_subprocess(model_dir, prompts, max_tokens: int, env: dict[str, str], **engine_kwargs) -> dict:
+    """``greedy`` in a fresh interpreter (e.g. with ``VLLM_PLUGINS=''`` for stock vLLM), plus the model class."""
+    request = {"model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "engine": engine_kwargs}
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"engine subprocess failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _subprocess_main() -> None:
+    request = json.loads(sys.stdin.read())
+    llm = start_engine(request["model"], **request["engine"])
+    outputs = greedy(llm, request["prompts"], request["max_tokens"])
+    print(json.dumps({"model_class": model_class_name(llm), "outputs": outputs}))
+
+
+if __name__ == "__main__":
+    _subprocess_main()

@@ -1,0 +1,68 @@
+"""The steered vLLM model against an independent HF implementation (forward hooks), both families, eager and
+torch.compile, prompts spanning several KV-cache blocks (DESIGN.md §2 and §5)."""
+
+import pytest
+import torch
+from engine_utils import greedy, hf_reference, max_abs_diff, model_class_name, random_prompts, shutdown, start_engine
+from tiny_models import HIDDEN_SIZE, NUM_LAYERS, VOCAB_SIZE
+
+from steering_vllm import SteeringVectors
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+PROMPT_LENGTH = 300  # > 2 blocks of 128 (vLLM CPU's block size); checked below
+MAX_TOKENS = 12
+CASES = {
+    # family, torch.compile, steered layers, file extension, steering_scale
+    "qwen2-eager": ("qwen2", False, [0, 1, 3], ".safetensors", 1.0),
+    "llama-eager": ("llama", False, [0, 2, 3], ".safetensors", 1.0),
+    "qwen2-compiled-gguf": ("qwen2", True, [1, 2, 3], ".gguf", 0.5),  # GGUF has no slot for layer 0
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def run(request, tiny_model_dirs, tmp_path_factory):
+    family, compiled, layers, extension, scale = CASES[request.param]
+    g = torch.Generator().manual_seed(1)
+    vectors = SteeringVectors.from_tensor(torch.randn(NUM_LAYERS, HIDDEN_SIZE, generator=g) * 0.3)
+    vectors = vectors.select_layers(layers)
+    path = vectors.save(tmp_path_factory.mktemp("vectors") / f"v{extension}")
+    llm = start_engine(
+        tiny_model_dirs[family],
+        enforce_eager=not compiled,
+        additional_config={"steering_vectors": str(path), "steering_scale": scale},
+    )
+    prompts = random_prompts(3, PROMPT_LENGTH, VOCAB_SIZE, seed=2)
+    outputs = greedy(llm, prompts, MAX_TOKENS)
+    info = {
+        "class": model_class_name(llm),
+        "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+        "compile_mode": llm.llm_engine.vllm_config.compilation_config.mode,
+    }
+    shutdown(llm)
+    model_dir = tiny_model_dirs[family]
+    steered = hf_reference(model_dir, vectors.to_tensor() * scale, prompts, outputs)
+    unsteered = hf_reference(model_dir, None, prompts, outputs)
+    return dict(family=family, compiled=compiled, outputs=outputs, steered=steered, unsteered=unsteered, **info)
+
+
+def test_greedy_tokens_and_logprobs_match_hf_with_hooks(run):
+    for output, reference in zip(run["outputs"], run["steered"]):
+        assert output["tokens"] == reference["argmax"]
+        assert max_abs_diff(output["logprobs"], reference["logprobs"]) < 1e-3
+
+
+def test_the_steered_class_served_the_engine(run):
+    expected = {"qwen2": "SteeredQwen2ForCausalLM", "llama": "SteeredLlamaForCausalLM"}[run["family"]]
+    assert run["class"] == expected
+    assert (run["compile_mode"] != 0) == run["compiled"]  # 0 = CompilationMode.NONE
+
+
+def test_prompts_span_several_kv_blocks(run):
+    assert PROMPT_LENGTH > 2 * run["block_size"]
+
+
+def test_the_vectors_change_the_output(run):
+    """Without this the parity above would prove nothing: the unsteered model must disagree."""
+    diffs = [max_abs_diff(o["logprobs"], u["logprobs"]) for o, u in zip(run["outputs"], run["unsteered"])]
+    assert max(diffs) > 0.05

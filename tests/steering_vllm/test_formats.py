@@ -1,0 +1,159 @@
+"""Converters: the paper's .npy, HF checkpoints with down_proj.bias, llama.cpp / repeng GGUF; the two commands."""
+
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from steering_vllm import SteeringVectors, SteeringVectorsError
+from steering_vllm import convert as convert_cmd
+from steering_vllm import inspect as inspect_cmd
+
+
+def test_npy_both_directions(tmp_path):
+    table = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float64)
+    np.save(tmp_path / "paper.npy", table)
+    vectors = SteeringVectors.load(tmp_path / "paper.npy")
+    assert (vectors.num_layers, vectors.hidden_size) == (5, 16)
+    assert np.allclose(vectors.to_tensor().numpy(), table, atol=1e-6)
+    vectors.save(tmp_path / "out.npy")
+    assert np.array_equal(np.load(tmp_path / "out.npy"), vectors.to_tensor().numpy())
+    np.save(tmp_path / "flat.npy", table[0])
+    with pytest.raises(SteeringVectorsError, match=r"flat\.npy: expected an array of shape \[num_layers, hidden_size\]"):
+        SteeringVectors.load(tmp_path / "flat.npy")
+
+
+def _hf_checkpoint(directory, biases: dict[int, torch.Tensor], num_layers: int, shards: int = 1):
+    directory.mkdir()
+    (directory / "config.json").write_text(f'{{"num_hidden_layers": {num_layers}, "_name_or_path": "paper/ckpt"}}')
+    items = sorted(biases.items())
+    for shard in range(shards):
+        tensors = {f"model.layers.{layer}.mlp.down_proj.bias": b for layer, b in items[shard::shards]}
+        tensors[f"model.layers.{shard}.mlp.down_proj.weight"] = torch.zeros(4, 4)  # other weights are ignored
+        save_file(tensors, str(directory / f"model-{shard:05d}-of-{shards:05d}.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def test_hf_checkpoint_directory_and_file_with_down_proj_bias(tmp_path):
+    biases = {layer: torch.randn(8) for layer in (0, 2, 5)}
+    directory = _hf_checkpoint(tmp_path / "ckpt", biases, num_layers=6, shards=2)
+    vectors = SteeringVectors.load(directory)
+    assert (vectors.num_layers, vectors.hidden_size, vectors.model) == (6, 8, "paper/ckpt")
+    assert sorted(vectors.vectors) == [0, 2, 5]
+    for layer, bias in biases.items():
+        assert torch.equal(vectors.vectors[layer], bias)  # down_proj.bias of layer l is our layers.l
+    single = next(directory.glob("model-00000*"))
+    from_file = SteeringVectors.load(single)
+    assert sorted(from_file.vectors) == [0, 5] and from_file.num_layers == 6  # config.json next to the file
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SteeringVectorsError, match="no .safetensors files"):
+        SteeringVectors.load(tmp_path / "empty")
+
+
+def test_gguf_write_uses_llama_cpp_numbering(tmp_path):
+    table = torch.randn(6, 16)
+    table[0] = 0
+    table[3] = 0
+    path = SteeringVectors.from_tensor(table, model="Qwen/Qwen2.5-0.5B").save(tmp_path / "cv.gguf")
+    reader = gguf.GGUFReader(path)
+    arch = reader.get_field("general.architecture")
+    assert bytes(arch.parts[arch.data[0]]).decode() == "controlvector"
+    hint = reader.get_field("controlvector.model_hint")
+    assert bytes(hint.parts[hint.data[0]]).decode() == "Qwen/Qwen2.5-0.5B"
+    assert int(reader.get_field("controlvector.layer_count").parts[-1][0]) == 4
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    # direction.n is added to block n's output (llama.cpp), i.e. our layers.n
+    assert sorted(tensors) == ["direction.1", "direction.2", "direction.4", "direction.5"]
+    for name, data in tensors.items():
+        assert np.array_equal(data, table[int(name.split(".")[1])].numpy())
+    back = SteeringVectors.load(path, num_layers=6)
+    assert torch.equal(back.to_tensor(), table) and back.model == "Qwen/Qwen2.5-0.5B"
+
+
+def test_gguf_written_by_llama_cpp_tools_is_read(tmp_path):
+    """A file laid out as llama.cpp's cvector-generator / repeng write it, made with the gguf package itself."""
+    path = tmp_path / "repeng.gguf"
+    writer = gguf.GGUFWriter(path, arch="controlvector")
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_uint32("controlvector.layer_count", 2)
+    directions = {3: np.full(8, 0.5, np.float32), 7: np.arange(8, dtype=np.float32)}
+    for block, direction in directions.items():
+        writer.add_tensor(f"direction.{block}", direction)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    vectors = SteeringVectors.load(path, num_layers=32)
+    assert vectors.num_layers == 32 and sorted(vectors.vectors) == [3, 7]
+    assert np.array_equal(vectors.vectors[7].numpy(), directions[7])
+    assert SteeringVectors.load(path).num_layers == 8  # without a model: the highest block + 1
+    with pytest.raises(SteeringVectorsError, match="'layers.7': layer index out of range for num_layers=4"):
+        SteeringVectors.load(path, num_layers=4)
+
+
+def test_gguf_refuses_layer_0_and_foreign_files(tmp_path):
+    with pytest.raises(SteeringVectorsError, match="layer 0 has a non-zero vector, which GGUF control vectors cannot"):
+        SteeringVectors.from_tensor(torch.ones(3, 8)).save(tmp_path / "cv.gguf")
+    assert not (tmp_path / "cv.gguf").exists()
+    writer = gguf.GGUFWriter(tmp_path / "model.gguf", arch="llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SteeringVectorsError, match=r"model\.gguf: GGUF architecture is 'llama', expected 'controlv"):
+        SteeringVectors.load(tmp_path / "model.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF junk")
+    with pytest.raises(SteeringVectorsError, match=r"junk\.gguf: not a readable GGUF file"):
+        SteeringVectors.load(tmp_path / "junk.gguf")
+
+
+def test_save_is_atomic_and_refuses_unknown_extensions(tmp_path):
+    vectors = SteeringVectors.from_tensor(torch.randn(2, 8))
+    with pytest.raises(SteeringVectorsError, match=r"cannot write '\.pt'"):
+        vectors.save(tmp_path / "v.pt")
+    vectors.save(tmp_path / "v.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]  # no temporary left behind
+
+
+def test_convert_command_round_trips_through_every_format(tmp_path, capsys):
+    table = torch.randn(6, 16)
+    np.save(tmp_path / "paper.npy", table.numpy())
+    steps = [
+        ["paper.npy", "a.safetensors", "--model", "m", "--layers", "1-5"],
+        ["a.safetensors", "b.gguf"],
+        ["b.gguf", "c.safetensors", "--num-layers", "6"],
+        ["c.safetensors", "d.npy", "--scale", "2"],
+    ]
+    for step in steps:
+        assert convert_cmd.main([str(tmp_path / step[0]), str(tmp_path / step[1]), *step[2:]]) == 0
+    expected = table.clone()
+    expected[0] = 0
+    assert torch.equal(SteeringVectors.load(tmp_path / "c.safetensors").to_tensor(), expected)
+    assert SteeringVectors.load(tmp_path / "c.safetensors").model == "m"
+    assert torch.allclose(torch.from_numpy(np.load(tmp_path / "d.npy")), expected * 2)
+    assert convert_cmd.main([str(tmp_path / "paper.npy"), str(tmp_path / "e.gguf")]) == 2
+    assert "layer 0 has a non-zero vector" in capsys.readouterr().err
+
+
+def test_inspect_command(tmp_path, capsys):
+    vectors = SteeringVectors.from_tensor(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), model="tiny")
+    path = vectors.save(tmp_path / "v.safetensors")
+    assert inspect_cmd.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "model        tiny" in out and vectors.content_hash() in out
+    assert "    0    0.0000  (absent)" in out and "    1    5.0000" in out
+    assert inspect_cmd.main([str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors: file not found" in capsys.readouterr().err
+
+
+def test_commands_run_as_modules(tmp_path):
+    path = SteeringVectors.from_tensor(torch.ones(2, 4)).save(tmp_path / "v.safetensors")
+    result = subprocess.run(
+        [sys.executable, "-m", "steering_vllm.inspect", str(path), "--json"], capture_output=True, text=True, check=True
+    )
+    assert '"norms": [\n    2.0,\n    2.0\n  ]' in result.stdout

@@ -1,0 +1,129 @@
+"""SteeringVectors and the contract file format: round trips, transforms, and every bad input's error."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from steering_vllm import SteeringVectors, SteeringVectorsError
+
+META = {"format": "steering-vectors", "format_version": "1", "hidden_size": "8", "num_layers": "4"}
+
+
+def write(path, tensors, metadata=META):
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_save_load_round_trip_keeps_values_metadata_and_hash(tmp_path):
+    table = torch.randn(4, 8)
+    table[2] = 0
+    vectors = SteeringVectors.from_tensor(table, model="org/model")
+    path = vectors.save(tmp_path / "v.safetensors")
+    loaded = SteeringVectors.load(path)
+    assert sorted(loaded.vectors) == [0, 1, 3]  # zero rows are absent from the file
+    assert torch.equal(loaded.to_tensor(), table)
+    assert (loaded.num_layers, loaded.hidden_size, loaded.model) == (4, 8, "org/model")
+    assert loaded.content_hash() == vectors.content_hash()
+
+
+def test_file_layout_is_the_contract(tmp_path):
+    from safetensors import safe_open
+
+    path = SteeringVectors.from_tensor(torch.randn(3, 8)).select_layers([1]).save(tmp_path / "v.safetensors")
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {**META, "num_layers": "3", "site": "block_output"}
+        assert list(f.keys()) == ["layers.1"]
+        assert f.get_tensor("layers.1").dtype == torch.float32
+        assert f.get_tensor("layers.1").shape == (8,)
+
+
+def test_zeros_scale_select_and_norms():
+    zeros = SteeringVectors.zeros(3, 8)
+    assert torch.equal(zeros.to_tensor(), torch.zeros(3, 8)) and zeros.norms() == [0.0, 0.0, 0.0]
+    table = torch.randn(3, 8, dtype=torch.float64)
+    vectors = SteeringVectors.from_tensor(table)
+    assert torch.allclose(vectors.scale(-2.5).to_tensor().double(), table * -2.5, atol=1e-6)
+    selected = vectors.select_layers([0, 2]).to_tensor()
+    assert torch.equal(selected[1], torch.zeros(8)) and torch.equal(selected[2], table[2].float())
+    assert vectors.norms() == pytest.approx(table.norm(dim=1).tolist(), rel=1e-6)
+    with pytest.raises(SteeringVectorsError, match="layer 3 out of range"):
+        vectors.select_layers([3])
+    with pytest.raises(SteeringVectorsError, match="finite"):
+        vectors.scale(math.inf)
+
+
+def test_content_hash_depends_on_values_and_shape_only(tmp_path):
+    table = torch.randn(4, 8)
+    a = SteeringVectors.from_tensor(table, model="x")
+    assert a.content_hash() == SteeringVectors.from_tensor(table.clone(), model="y").content_hash()
+    bumped = table.clone()
+    bumped[3, 7] = torch.nextafter(bumped[3, 7], torch.tensor(math.inf))
+    assert a.content_hash() != SteeringVectors.from_tensor(bumped).content_hash()
+    assert SteeringVectors.zeros(2, 8).content_hash() != SteeringVectors.zeros(4, 4).content_hash()
+
+
+def test_from_bytes_reads_what_to_bytes_writes():
+    vectors = SteeringVectors.from_tensor(torch.randn(2, 8))
+    assert torch.equal(SteeringVectors.from_bytes(vectors.to_bytes()).to_tensor(), vectors.to_tensor())
+    with pytest.raises(SteeringVectorsError, match="request body: not a readable safetensors"):
+        SteeringVectors.from_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", source="request body")
+
+
+def test_check_compatible_names_file_and_both_sizes(tmp_path):
+    path = SteeringVectors.zeros(4, 8).save(tmp_path / "v.safetensors")
+    vectors = SteeringVectors.load(path)
+    with pytest.raises(SteeringVectorsError, match=r"v\.safetensors: hidden_size 8 does not match the model's 16 \(m\)"):
+        vectors.check_compatible(4, 16, "m")
+    with pytest.raises(SteeringVectorsError, match=r"v\.safetensors: num_layers 4 does not match the model's 5"):
+        vectors.check_compatible(5, 8)
+    vectors.check_compatible(4, 8)
+
+
+@pytest.mark.parametrize(
+    "tensors, metadata, message",
+    [
+        ({"layers.0": torch.full((8,), math.nan)}, META, r"'layers.0' contains NaN"),
+        ({"layers.1": torch.tensor([math.inf] + [0.0] * 7)}, META, r"'layers.1' contains Inf"),
+        ({"layers.0": torch.zeros(2, 4)}, META, r"'layers.0' has shape \(2, 4\), expected 1-D"),
+        ({"layers.0": torch.zeros(7)}, META, r"'layers.0' has shape \(7,\), expected \(8,\) = hidden_size"),
+        ({"layers.4": torch.zeros(8)}, META, r"'layers.4': layer index out of range for num_layers=4"),
+        ({"model.norm.weight": torch.zeros(8)}, META, r"unknown tensor name 'model.norm.weight'"),
+        ({"layers.01": torch.zeros(8)}, META, r"unknown tensor name 'layers.01'"),
+        ({"layers.0": torch.zeros(8, dtype=torch.int32)}, META, r"dtype torch.int32, expected float32"),
+        ({"layers.0": torch.zeros(8)}, {**META, "format": "pt"}, r"metadata 'format' is 'pt', expected"),
+        ({"layers.0": torch.zeros(8)}, {k: v for k, v in META.items() if k != "format"}, r"'format' is None"),
+        ({"layers.0": torch.zeros(8)}, {**META, "format_version": "2"}, r"'format_version' is '2'"),
+        ({"layers.0": torch.zeros(8)}, {**META, "hidden_size": "eight"}, r"'hidden_size' is 'eight', expected an int"),
+        ({"layers.0": torch.zeros(8)}, {k: v for k, v in META.items() if k != "num_layers"}, r"'num_layers' is missing"),
+        ({"layers.0": torch.zeros(8)}, {**META, "site": "attention"}, r"'site' is 'attention'"),
+    ],
+)
+def test_bad_files_are_refused_with_the_file_and_the_problem(tmp_path, tensors, metadata, message):
+    path = write(tmp_path / "bad.safetensors", tensors, metadata)
+    with pytest.raises(SteeringVectorsError, match=r"bad\.safetensors: .*" + message):
+        SteeringVectors.load(path)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(SteeringVectorsError, match=r"nope\.safetensors: file not found"):
+        SteeringVectors.load(tmp_path / "nope.safetensors")
+    good = SteeringVectors.from_tensor(torch.randn(4, 8)).to_bytes()
+    for name, data in {"truncated": good[: len(good) - 9], "garbage": b"not a safetensors file at all"}.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(SteeringVectorsError, match=rf"{name}\.safetensors: not a readable safetensors file"):
+            SteeringVectors.load(path)
+    header = json.dumps({"__metadata__": META}).encode()
+    (tmp_path / "x.bin").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(SteeringVectorsError, match=r"x\.bin: unknown extension '\.bin'"):
+        SteeringVectors.load(tmp_path / "x.bin")
+
+
+def test_non_float32_inputs_are_converted_to_float32():
+    vectors = SteeringVectors({1: torch.ones(8, dtype=torch.bfloat16)}, num_layers=2, hidden_size=8)
+    assert vectors.vectors[1].dtype == torch.float32
+    with pytest.raises(SteeringVectorsError, match=r"expected a \[num_layers, hidden_size\] tensor"):
+        SteeringVectors.from_tensor(torch.zeros(8))
