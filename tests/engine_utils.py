@@ -46,7 +46,9 @@ def greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[dict]:
     results = []
     for output in outputs:
         completion = output.outputs[0]
-        logprobs = [entry[token].logprob for token, entry in zip(completion.token_ids, completion.logprobs)]
+        logprobs = [
+            entry[token].logprob for token, entry in zip(completion.token_ids, completion.logprobs, strict=True)
+        ]
         results.append({"tokens": list(completion.token_ids), "logprobs": logprobs})
     return results
 
@@ -70,7 +72,7 @@ def hf_reference(model_dir, table: torch.Tensor | None, prompts, generations) ->
             block.register_forward_hook(_add_to_output(table[layer]))
     results = []
     with torch.no_grad():
-        for prompt, generation in zip(prompts, generations):
+        for prompt, generation in zip(prompts, generations, strict=True):
             ids = torch.tensor([prompt + generation["tokens"]])
             logprobs = model(ids).logits[0].log_softmax(-1)[len(prompt) - 1 : -1]
             tokens = torch.tensor(generation["tokens"])
@@ -96,6 +98,9 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
+_RESULT = "ENGINE-RESULT "
+
+
 def greedy_in_subprocess(model_dir, prompts, max_tokens: int, env: dict[str, str], **engine_kwargs) -> dict:
     """``greedy`` in a fresh interpreter (e.g. with ``VLLM_PLUGINS=''`` for stock vLLM), plus the model class."""
     request = {"model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "engine": engine_kwargs}
@@ -109,14 +114,17 @@ def greedy_in_subprocess(model_dir, prompts, max_tokens: int, env: dict[str, str
     )
     if result.returncode != 0:
         raise RuntimeError(f"engine subprocess failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    lines = [line for line in result.stdout.splitlines() if line.startswith(_RESULT)]
+    if not lines:
+        raise RuntimeError(f"engine subprocess printed no result:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return json.loads(lines[-1][len(_RESULT) :])
 
 
 def _subprocess_main() -> None:
     request = json.loads(sys.stdin.read())
     llm = start_engine(request["model"], **request["engine"])
     outputs = greedy(llm, request["prompts"], request["max_tokens"])
-    print(json.dumps({"model_class": model_class_name(llm), "outputs": outputs}))
+    print(_RESULT + json.dumps({"model_class": model_class_name(llm), "outputs": outputs}), flush=True)
 
 
 if __name__ == "__main__":

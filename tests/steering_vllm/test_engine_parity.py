@@ -47,7 +47,7 @@ def run(request, tiny_model_dirs, tmp_path_factory):
 
 
 def test_greedy_tokens_and_logprobs_match_hf_with_hooks(run):
-    for output, reference in zip(run["outputs"], run["steered"]):
+    for output, reference in zip(run["outputs"], run["steered"], strict=True):
         assert output["tokens"] == reference["argmax"]
         assert max_abs_diff(output["logprobs"], reference["logprobs"]) < 1e-3
 
@@ -64,5 +64,5 @@ def test_prompts_span_several_kv_blocks(run):
 
 def test_the_vectors_change_the_output(run):
     """Without this the parity above would prove nothing: the unsteered model must disagree."""
-    diffs = [max_abs_diff(o["logprobs"], u["logprobs"]) for o, u in zip(run["outputs"], run["unsteered"])]
+    diffs = [max_abs_diff(o["logprobs"], u["logprobs"]) for o, u in zip(run["outputs"], run["unsteered"], strict=True)]
     assert max(diffs) > 0.05

@@ -23,7 +23,9 @@ def test_npy_both_directions(tmp_path):
     vectors.save(tmp_path / "out.npy")
     assert np.array_equal(np.load(tmp_path / "out.npy"), vectors.to_tensor().numpy())
     np.save(tmp_path / "flat.npy", table[0])
-    with pytest.raises(SteeringVectorsError, match=r"flat\.npy: expected an array of shape \[num_layers, hidden_size\]"):
+    with pytest.raises(
+        SteeringVectorsError, match=r"flat\.npy: expected an array of shape \[num_layers, hidden_size\]"
+    ):
         SteeringVectors.load(tmp_path / "flat.npy")
 
 

@@ -75,7 +75,9 @@ def test_from_bytes_reads_what_to_bytes_writes():
 def test_check_compatible_names_file_and_both_sizes(tmp_path):
     path = SteeringVectors.zeros(4, 8).save(tmp_path / "v.safetensors")
     vectors = SteeringVectors.load(path)
-    with pytest.raises(SteeringVectorsError, match=r"v\.safetensors: hidden_size 8 does not match the model's 16 \(m\)"):
+    with pytest.raises(
+        SteeringVectorsError, match=r"v\.safetensors: hidden_size 8 does not match the model's 16 \(m\)"
+    ):
         vectors.check_compatible(4, 16, "m")
     with pytest.raises(SteeringVectorsError, match=r"v\.safetensors: num_layers 4 does not match the model's 5"):
         vectors.check_compatible(5, 8)
@@ -97,7 +99,11 @@ def test_check_compatible_names_file_and_both_sizes(tmp_path):
         ({"layers.0": torch.zeros(8)}, {k: v for k, v in META.items() if k != "format"}, r"'format' is None"),
         ({"layers.0": torch.zeros(8)}, {**META, "format_version": "2"}, r"'format_version' is '2'"),
         ({"layers.0": torch.zeros(8)}, {**META, "hidden_size": "eight"}, r"'hidden_size' is 'eight', expected an int"),
-        ({"layers.0": torch.zeros(8)}, {k: v for k, v in META.items() if k != "num_layers"}, r"'num_layers' is missing"),
+        (
+            {"layers.0": torch.zeros(8)},
+            {k: v for k, v in META.items() if k != "num_layers"},
+            r"'num_layers' is missing",
+        ),
         ({"layers.0": torch.zeros(8)}, {**META, "site": "attention"}, r"'site' is 'attention'"),
     ],
 )

@@ -1,0 +1,93 @@
+"""Without vectors (absent or all zero) the steered model serves what stock vLLM serves; bad vectors stop the
+engine before it starts, with the file and the problem in the error."""
+
+import pytest
+import torch
+from engine_utils import (
+    ENGINE_KWARGS,
+    greedy,
+    greedy_in_subprocess,
+    max_abs_diff,
+    model_class_name,
+    random_prompts,
+    shutdown,
+    start_engine,
+)
+from tiny_models import HIDDEN_SIZE, NUM_LAYERS, VOCAB_SIZE
+
+from steering_vllm import SteeringVectors, SteeringVectorsError
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(3, 200, VOCAB_SIZE, seed=3)
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_model_dirs, prompts):
+    # VLLM_PLUGINS names the general plugins to load; '' loads none, so this is vLLM's own Qwen2 class.
+    return greedy_in_subprocess(
+        tiny_model_dirs["qwen2"], prompts, MAX_TOKENS, env={"VLLM_PLUGINS": ""}, enforce_eager=True
+    )
+
+
+@pytest.fixture(scope="module")
+def steered_runs(tiny_model_dirs, prompts, tmp_path_factory):
+    zeros = SteeringVectors.zeros(NUM_LAYERS, HIDDEN_SIZE).save(tmp_path_factory.mktemp("zeros") / "zeros.safetensors")
+    runs = {}
+    for name, kwargs in {
+        "absent": dict(enforce_eager=True),
+        "zeros-compiled": dict(enforce_eager=False, additional_config={"steering_vectors": str(zeros)}),
+    }.items():
+        llm = start_engine(tiny_model_dirs["qwen2"], **kwargs)
+        runs[name] = {"class": model_class_name(llm), "outputs": greedy(llm, prompts, MAX_TOKENS)}
+        shutdown(llm)
+    return runs
+
+
+def test_stock_run_really_is_stock(stock):
+    assert stock["model_class"] == "Qwen2ForCausalLM"
+
+
+@pytest.mark.parametrize("name, tolerance", [("absent", 1e-5), ("zeros-compiled", 1e-4)])
+def test_no_steering_gives_stock_output(stock, steered_runs, name, tolerance):
+    run = steered_runs[name]
+    assert run["class"] == "SteeredQwen2ForCausalLM"
+    for ours, theirs in zip(run["outputs"], stock["outputs"], strict=True):
+        assert ours["tokens"] == theirs["tokens"]
+        assert max_abs_diff(ours["logprobs"], theirs["logprobs"]) < tolerance
+
+
+def _bad_vectors(tmp_path, num_layers, hidden_size):
+    return str(SteeringVectors.from_tensor(torch.randn(num_layers, hidden_size)).save(tmp_path / "bad.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "num_layers, hidden_size, message",
+    [
+        (NUM_LAYERS, 64, rf"bad\.safetensors: hidden_size 64 does not match the model's {HIDDEN_SIZE}"),
+        (NUM_LAYERS + 2, HIDDEN_SIZE, rf"bad\.safetensors: num_layers {NUM_LAYERS + 2} does not match the model's"),
+    ],
+)
+def test_vectors_that_do_not_fit_stop_the_engine_before_it_starts(
+    tiny_model_dirs, tmp_path, num_layers, hidden_size, message
+):
+    from vllm import LLM
+
+    with pytest.raises(SteeringVectorsError, match=message):
+        LLM(
+            str(tiny_model_dirs["qwen2"]),
+            **ENGINE_KWARGS,
+            additional_config={"steering_vectors": _bad_vectors(tmp_path, num_layers, hidden_size)},
+        )
+
+
+def test_misspelt_option_is_an_error(tiny_model_dirs):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match=r"unknown steering option\(s\) \['steering_vector'\]"):
+        LLM(str(tiny_model_dirs["qwen2"]), **ENGINE_KWARGS, additional_config={"steering_vector": "v.safetensors"})
