@@ -26,8 +26,9 @@ def _seed(request):
     torch.manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-# Shared builders (tests/tiny_models.py) are imported by test modules as plain modules.
-sys.path.insert(0, os.path.dirname(__file__))
+# Shared test helpers (tests/helpers/) are imported by test modules as plain modules. Only that folder goes
+# on sys.path: tests/ itself holds folders named like the packages, which would shadow them.
+sys.path.append(os.path.join(os.path.dirname(__file__), "helpers"))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """The steered vLLM model against an independent HF implementation (forward hooks), both families, eager and
 torch.compile, prompts spanning several KV-cache blocks (DESIGN.md §2 and §5)."""
 
+import os
+
 import pytest
 import torch
 from engine_utils import greedy, hf_reference, max_abs_diff, model_class_name, random_prompts, shutdown, start_engine
@@ -13,16 +15,28 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 PROMPT_LENGTH = 300  # > 2 blocks of 128 (vLLM CPU's block size); checked below
 MAX_TOKENS = 12
 CASES = {
-    # family, torch.compile, steered layers, file extension, steering_scale
-    "qwen2-eager": ("qwen2", False, [0, 1, 3], ".safetensors", 1.0),
-    "llama-eager": ("llama", False, [0, 2, 3], ".safetensors", 1.0),
-    "qwen2-compiled-gguf": ("qwen2", True, [1, 2, 3], ".gguf", 0.5),  # GGUF has no slot for layer 0
+    # family, torch.compile, steered layers, file extension, steering_scale, tensor parallel size
+    "qwen2-eager": ("qwen2", False, [0, 1, 3], ".safetensors", 1.0, 1),
+    "llama-eager": ("llama", False, [0, 2, 3], ".safetensors", 1.0, 1),
+    "qwen2-compiled-gguf": ("qwen2", True, [1, 2, 3], ".gguf", 0.5, 1),  # GGUF has no slot for layer 0
+    # two ranks, one core each (vLLM CPU binds one NUMA node per rank unless told otherwise)
+    "llama-tp2-eager": ("llama", False, [0, 1, 2, 3], ".safetensors", 1.0, 2),
 }
 
 
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
 @pytest.fixture(scope="module", params=list(CASES))
-def run(request, tiny_model_dirs, tmp_path_factory):
-    family, compiled, layers, extension, scale = CASES[request.param]
+def run(request, tiny_model_dirs, tmp_path_factory, monkeypatch_module):
+    family, compiled, layers, extension, scale, tp = CASES[request.param]
+    if tp > 1:
+        if (os.cpu_count() or 1) < tp:
+            pytest.skip(f"tensor parallel {tp} needs {tp} cores")
+        monkeypatch_module.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core) for core in range(tp)))
     g = torch.Generator().manual_seed(1)
     vectors = SteeringVectors.from_tensor(torch.randn(NUM_LAYERS, HIDDEN_SIZE, generator=g) * 0.3)
     vectors = vectors.select_layers(layers)
@@ -31,6 +45,7 @@ def run(request, tiny_model_dirs, tmp_path_factory):
         tiny_model_dirs[family],
         enforce_eager=not compiled,
         additional_config={"steering_vectors": str(path), "steering_scale": scale},
+        tensor_parallel_size=tp,
     )
     prompts = random_prompts(3, PROMPT_LENGTH, VOCAB_SIZE, seed=2)
     outputs = greedy(llm, prompts, MAX_TOKENS)

