@@ -133,7 +133,9 @@ def main() -> None:
     engines = {}
     for kind in kinds:  # started one after another: two engines compiling at once would fight for the cores
         parent, child = context.Pipe()
-        process = context.Process(target=engine_process, args=(kind, str(model_dir), vectors_path, engine_kwargs, child))
+        process = context.Process(
+            target=engine_process, args=(kind, str(model_dir), vectors_path, engine_kwargs, child)
+        )
         process.start()
         engines[kind] = (process, parent)
         print(f"{kind}: started {parent.recv()}", flush=True)
@@ -159,8 +161,9 @@ def main() -> None:
     base = kinds[0]
     mode = "eager" if args.eager else "torch.compile"
     layers = config["num_hidden_layers"]
-    print(f"\n{args.shape} ({layers} layers, d={config['hidden_size']}), {args.dtype}, {mode}, dummy weights, "
-          f"{args.batch} prompts x {args.prompt_len} tokens -> {args.max_tokens} greedy tokens, {args.rounds} rounds")  # fmt: skip
+    workload = f"{args.batch} prompts x {args.prompt_len} tokens -> {args.max_tokens} greedy tokens"
+    print(f"\n{args.shape} ({layers} layers, d={config['hidden_size']}), {args.dtype}, {mode}, dummy weights, ", end="")
+    print(f"{workload}, {args.rounds} rounds")
     print(f"| engine | output tokens/s (median) | vs {base} (ratio of medians) | vs {base} (median of round ratios) |")
     print("|---|---:|---:|---:|")
     for kind in kinds:
