@@ -24,37 +24,33 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
 @pytest.fixture(scope="module", params=list(CASES))
-def run(request, tiny_model_dirs, tmp_path_factory, monkeypatch_module):
+def run(request, tiny_model_dirs, tmp_path_factory):
     family, compiled, layers, extension, scale, tp = CASES[request.param]
-    if tp > 1:
-        if (os.cpu_count() or 1) < tp:
-            pytest.skip(f"tensor parallel {tp} needs {tp} cores")
-        monkeypatch_module.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core) for core in range(tp)))
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tp:
+        pytest.skip(f"tensor parallel {tp} needs {tp} cores")
     g = torch.Generator().manual_seed(1)
     vectors = SteeringVectors.from_tensor(torch.randn(NUM_LAYERS, HIDDEN_SIZE, generator=g) * 0.3)
     vectors = vectors.select_layers(layers)
     path = vectors.save(tmp_path_factory.mktemp("vectors") / f"v{extension}")
-    llm = start_engine(
-        tiny_model_dirs[family],
-        enforce_eager=not compiled,
-        additional_config={"steering_vectors": str(path), "steering_scale": scale},
-        tensor_parallel_size=tp,
-    )
     prompts = random_prompts(3, PROMPT_LENGTH, VOCAB_SIZE, seed=2)
-    outputs = greedy(llm, prompts, MAX_TOKENS)
-    info = {
-        "class": model_class_name(llm),
-        "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
-        "compile_mode": llm.llm_engine.vllm_config.compilation_config.mode,
-    }
-    shutdown(llm)
+    with pytest.MonkeyPatch.context() as patch:
+        if tp > 1:
+            patch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core) for core in cores[:tp]))
+        llm = start_engine(
+            tiny_model_dirs[family],
+            enforce_eager=not compiled,
+            additional_config={"steering_vectors": str(path), "steering_scale": scale},
+            tensor_parallel_size=tp,
+        )
+        outputs = greedy(llm, prompts, MAX_TOKENS)
+        info = {
+            "class": model_class_name(llm),
+            "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+            "compile_mode": llm.llm_engine.vllm_config.compilation_config.mode,
+        }
+        shutdown(llm)
     model_dir = tiny_model_dirs[family]
     steered = hf_reference(model_dir, vectors.to_tensor() * scale, prompts, outputs)
     unsteered = hf_reference(model_dir, None, prompts, outputs)

@@ -99,11 +99,12 @@ def test_completions_come_from_the_steered_model(server, tiny_model_dirs, vector
 
 def test_a_bad_vectors_file_is_refused_before_the_engine_starts(tiny_model_dirs, tmp_path):
     (tmp_path / "corrupt.safetensors").write_bytes(b"garbage")
-    for name, message in {
-        "missing.safetensors": "missing.safetensors: file not found",
-        "corrupt.safetensors": "corrupt.safetensors: not a readable safetensors file",
-    }.items():
-        command = [*SERVE, str(tiny_model_dirs["qwen2"]), "--steering-vectors", str(tmp_path / name)]
+    console_script = [os.path.join(os.path.dirname(sys.executable), "steering-vllm"), "serve"]
+    for serve, name, message in [
+        (console_script, "missing.safetensors", "missing.safetensors: file not found"),
+        (SERVE, "corrupt.safetensors", "corrupt.safetensors: not a readable safetensors file"),
+    ]:
+        command = [*serve, str(tiny_model_dirs["qwen2"]), "--steering-vectors", str(tmp_path / name)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert result.returncode == 2
         assert f"argument --steering-vectors: {tmp_path / message}" in result.stderr
