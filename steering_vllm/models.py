@@ -42,7 +42,9 @@ class SteeringMixin:
         if path is not None:
             model_name = vllm_config.model_config.model
             vectors = SteeringVectors.load(path, num_layers=self.steering_num_layers)
-            self.set_steering(vectors.scale(scale) if scale != 1.0 else vectors, model_name)
+            if scale != 1.0:
+                vectors = vectors.scale(scale)
+            self.set_steering(vectors, model_name)
             logger.info("steering: %s (scale %s), content hash %s", path, scale, vectors.content_hash()[:12])
 
     def steering_norms(self) -> list[SteeredRMSNorm]:
