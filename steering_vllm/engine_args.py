@@ -6,7 +6,8 @@ plugins, and so calls ``install()``, before it uses any of them):
 - ``add_cli_args``: adds ``--steering-vectors`` and ``--steering-scale`` (``vllm serve`` and friends);
 - ``from_cli_args``: routes them into ``additional_config``, which reaches the model in every worker;
 - ``create_engine_config``: checks the vectors against the model's config in the caller's process, so a
-  wrong file fails at once with its own error instead of as a dead worker behind a generic RuntimeError.
+  wrong file fails at once with its own error instead of as a dead worker behind a generic RuntimeError;
+  and gives steered models the worker extension that hot-swap (``update_steering``) calls.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def install() -> None:
     def create_engine_config(self, *args, **kwargs):
         vllm_config = original_create(self, *args, **kwargs)
         check_vectors_against_model(vllm_config)
+        add_worker_extension(vllm_config)
         return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
@@ -106,3 +108,14 @@ def check_vectors_against_model(vllm_config) -> None:
     text_config = model_config.hf_text_config
     vectors = SteeringVectors.load(path, num_layers=text_config.num_hidden_layers)
     vectors.check_compatible(text_config.num_hidden_layers, text_config.hidden_size, model_config.model)
+
+
+def add_worker_extension(vllm_config) -> None:
+    """Give steered models' workers the hot-swap methods, unless the user named an extension of their own."""
+    from steering_vllm.plugin import ARCHITECTURES
+    from steering_vllm.worker import EXTENSION
+
+    architectures = getattr(vllm_config.model_config.hf_config, "architectures", None) or []
+    parallel_config = vllm_config.parallel_config
+    if set(architectures) & set(ARCHITECTURES) and not parallel_config.worker_extension_cls:
+        parallel_config.worker_extension_cls = EXTENSION

@@ -1,0 +1,92 @@
+"""update_steering on a running vllm.LLM: in place, prefix cache consistent, a failed update changes nothing."""
+
+import pytest
+import torch
+from engine_utils import greedy, max_abs_diff, random_prompts, shutdown, start_engine
+from tiny_models import HIDDEN_SIZE, NUM_LAYERS, VOCAB_SIZE
+
+from steering_vllm import SteeringVectors, SteeringVectorsError, update_steering
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+PROMPT_LENGTH = 400  # three full KV blocks of 128 are cached and reused by the second request
+MAX_TOKENS = 8
+
+
+def _vectors(seed):
+    g = torch.Generator().manual_seed(seed)
+    return SteeringVectors.from_tensor(torch.randn(NUM_LAYERS, HIDDEN_SIZE, generator=g) * 0.3)
+
+
+A, B = _vectors(10), _vectors(11)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(2, PROMPT_LENGTH, VOCAB_SIZE, seed=12)
+
+
+@pytest.fixture(scope="module")
+def swaps(tiny_model_dirs, prompts, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("swap")
+    a_path = A.save(directory / "a.safetensors")
+    llm = start_engine(
+        tiny_model_dirs["qwen2"], enforce_eager=True, additional_config={"steering_vectors": str(a_path)}
+    )
+    runs = {"block_size": llm.llm_engine.vllm_config.cache_config.block_size}
+    runs["first"] = greedy(llm, prompts, MAX_TOKENS)  # fills the prefix cache under A
+    # What a swap without the cache reset would serve: B's weights over A's cached prompt blocks.
+    llm.collective_rpc("steering_update", args=(B.to_bytes(),))
+    runs["stale"] = greedy(llm, prompts, MAX_TOKENS)
+    runs["hash"] = update_steering(llm, B)
+    runs["swapped"] = greedy(llm, prompts, MAX_TOKENS)
+    runs["table"] = SteeringVectors.from_bytes(llm.collective_rpc("steering_table")[0]).to_tensor()
+    runs["errors"] = []
+    for bad in (SteeringVectors.zeros(NUM_LAYERS, 64), SteeringVectors.zeros(NUM_LAYERS + 1, HIDDEN_SIZE), directory):
+        with pytest.raises(SteeringVectorsError) as error:
+            update_steering(llm, bad)
+        runs["errors"].append(str(error.value))
+    runs["after_failures"] = greedy(llm, prompts, MAX_TOKENS)
+    update_steering(llm, a_path)  # from a file
+    runs["back"] = greedy(llm, prompts, MAX_TOKENS)
+    shutdown(llm)
+    fresh = start_engine(tiny_model_dirs["qwen2"], enforce_eager=True, additional_config={
+        "steering_vectors": str(B.save(directory / "b.safetensors"))
+    })  # fmt: skip
+    runs["fresh_b"] = greedy(fresh, prompts, MAX_TOKENS)
+    shutdown(fresh)
+    return runs
+
+
+def _same(x, y, tolerance=1e-5):
+    return all(
+        a["tokens"] == b["tokens"] and max_abs_diff(a["logprobs"], b["logprobs"]) < tolerance
+        for a, b in zip(x, y, strict=True)
+    )
+
+
+def test_after_a_swap_the_engine_serves_what_a_fresh_engine_with_the_new_vectors_serves(swaps):
+    assert PROMPT_LENGTH >= 3 * swaps["block_size"]
+    assert _same(swaps["swapped"], swaps["fresh_b"])
+    assert not _same(swaps["first"], swaps["fresh_b"], tolerance=1e-2)  # the swap changed the output
+
+
+def test_without_the_cache_reset_stale_blocks_would_be_served(swaps):
+    """The control for the test above: the same copy without the reset gives a different, wrong answer."""
+    assert not _same(swaps["stale"], swaps["fresh_b"], tolerance=1e-3)
+
+
+def test_the_workers_hold_the_new_vectors_and_the_hash_is_theirs(swaps):
+    assert torch.equal(swaps["table"], B.to_tensor())
+    assert swaps["hash"] == B.content_hash()
+
+
+def test_a_failed_update_changes_nothing(swaps):
+    assert "hidden_size 64 does not match the model's 128" in swaps["errors"][0]
+    assert f"num_layers {NUM_LAYERS + 1} does not match" in swaps["errors"][1]
+    assert "no 'model.layers.<l>.mlp.down_proj.bias' tensors found" in swaps["errors"][2]  # a directory
+    assert _same(swaps["after_failures"], swaps["swapped"])
+
+
+def test_swapping_back_restores_the_first_output(swaps):
+    assert _same(swaps["back"], swaps["first"])
