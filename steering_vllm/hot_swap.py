@@ -1,4 +1,8 @@
-"""Replace the steering vectors of a running ``vllm.LLM`` in place, without reloading anything."""
+"""Replace the steering vectors of a running engine in place, without reloading anything.
+
+``update_steering`` serves ``vllm.LLM``; ``update_steering_async`` serves ``AsyncLLM``, the engine behind
+``vllm serve``, where requests may be running during the swap.
+"""
 
 from __future__ import annotations
 
@@ -16,24 +20,49 @@ def update_steering(llm, vectors: SteeringVectors | str | os.PathLike) -> str:
     with the old vectors and must never be reused. Call it between ``generate`` calls (``LLM`` runs no
     request then); a request never sees half a swap.
     """
-    engine = llm.llm_engine
-    model_config = engine.vllm_config.model_config
+    vectors = _checked(llm.llm_engine.vllm_config, vectors)
+    _check_hashes(llm.collective_rpc("steering_update", args=(vectors.to_bytes(),)), vectors)
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("steering update: the prefix cache could not be reset (requests still running?)")
+    return vectors.content_hash()
+
+
+async def update_steering_async(engine, vectors: SteeringVectors | str | os.PathLike) -> str:
+    """``update_steering`` for ``vllm.v1.engine.async_llm.AsyncLLM``, safe while requests run.
+
+    The swap lands between engine steps: generation is paused with running requests kept, the prefix
+    cache and the running requests' KV are dropped (they were computed with the old vectors), the vectors
+    are copied, and generation resumes. A request that spans the swap keeps the tokens it already produced
+    with the old vectors and continues with the new ones, its context recomputed under them.
+    """
+    vectors = _checked(engine.vllm_config, vectors)
+    payload = vectors.to_bytes()
+    await engine.pause_generation(mode="keep", clear_cache=True)
+    try:
+        _check_hashes(await engine.collective_rpc("steering_update", args=(payload,)), vectors)
+    finally:
+        await engine.resume_generation()
+    return vectors.content_hash()
+
+
+def _checked(vllm_config, vectors) -> SteeringVectors:
+    from steering_vllm.worker import EXTENSION
+
+    model_config = vllm_config.model_config
     text_config = model_config.hf_text_config
     if not isinstance(vectors, SteeringVectors):
         vectors = SteeringVectors.load(vectors, num_layers=text_config.num_hidden_layers)
     vectors.check_compatible(text_config.num_hidden_layers, text_config.hidden_size, model_config.model)
-    from steering_vllm.worker import EXTENSION
-
-    if engine.vllm_config.parallel_config.worker_extension_cls != EXTENSION:
+    extension = vllm_config.parallel_config.worker_extension_cls
+    if extension != EXTENSION:
         raise SteeringVectorsError(
             f"{vectors.source}: this engine's workers lack the steering extension (worker_extension_cls is "
-            f"{engine.vllm_config.parallel_config.worker_extension_cls!r}); the plugin sets it for Qwen2 / Llama "
-            "models unless another extension was given"
+            f"{extension!r}); the plugin sets it for Qwen2 / Llama models unless another extension was given"
         )
+    return vectors
+
+
+def _check_hashes(hashes: list[str], vectors: SteeringVectors) -> None:
     expected = vectors.content_hash()
-    hashes = llm.collective_rpc("steering_update", args=(vectors.to_bytes(),))
     if any(h != expected for h in hashes):
         raise RuntimeError(f"steering update: workers report {hashes}, expected {expected}")
-    if not llm.reset_prefix_cache():
-        raise RuntimeError("steering update: the prefix cache could not be reset (requests still running?)")
-    return expected

@@ -1,0 +1,87 @@
+"""update_steering_async on AsyncLLM (the engine behind `vllm serve`) while streaming requests run."""
+
+import asyncio
+
+import pytest
+import torch
+from engine_utils import ENGINE_KWARGS, hf_reference, max_abs_diff, random_prompts
+from tiny_models import HIDDEN_SIZE, NUM_LAYERS, VOCAB_SIZE
+
+from steering_vllm import SteeringVectors, SteeringVectorsError, update_steering_async
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+CLIENTS = 4
+LONG = 160  # tokens per streaming request: long enough to span all the swaps
+
+
+def _vectors(seed):
+    g = torch.Generator().manual_seed(seed)
+    return SteeringVectors.from_tensor(torch.randn(NUM_LAYERS, HIDDEN_SIZE, generator=g) * 0.3)
+
+
+A, B = _vectors(20), _vectors(21)
+
+
+async def _generate(engine, prompt, max_tokens, request_id):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    final = None
+    async for output in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id=request_id):
+        final = output
+    completion = final.outputs[0]
+    logprobs = [entry[t].logprob for t, entry in zip(completion.token_ids, completion.logprobs, strict=True)]
+    return {"tokens": list(completion.token_ids), "logprobs": logprobs}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dirs, tmp_path_factory):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    a_path = A.save(tmp_path_factory.mktemp("async") / "a.safetensors")
+    prompts = random_prompts(CLIENTS, 300, VOCAB_SIZE, seed=13)
+
+    async def scenario():
+        engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(
+                model=str(tiny_model_dirs["qwen2"]),
+                enforce_eager=True,
+                additional_config={"steering_vectors": str(a_path)},
+                **ENGINE_KWARGS,
+            )
+        )
+        try:
+            clients = [asyncio.create_task(_generate(engine, p, LONG, f"long-{i}")) for i, p in enumerate(prompts)]
+            await asyncio.sleep(1.0)
+            running_at_first_swap = sum(not c.done() for c in clients)
+            hashes = []
+            for vectors in (B, A, B):
+                hashes.append(await update_steering_async(engine, vectors))
+                await asyncio.sleep(0.2)
+            with pytest.raises(SteeringVectorsError, match="hidden_size 64 does not match"):
+                await update_steering_async(engine, SteeringVectors.zeros(NUM_LAYERS, 64))
+            streamed = await asyncio.gather(*clients)
+            # The same prompts again: their cached blocks must not come from before the swaps.
+            after = [await _generate(engine, p, 8, f"after-{i}") for i, p in enumerate(prompts)]
+        finally:
+            engine.shutdown()
+        return dict(running_at_first_swap=running_at_first_swap, hashes=hashes, streamed=streamed, after=after)
+
+    result = asyncio.run(scenario())
+    result["reference"] = hf_reference(tiny_model_dirs["qwen2"], B.to_tensor(), prompts, result["after"])
+    return result
+
+
+def test_swaps_landed_while_requests_streamed_and_none_failed(run):
+    assert run["running_at_first_swap"] == CLIENTS
+    assert all(len(s["tokens"]) == LONG for s in run["streamed"])
+    assert run["hashes"] == [B.content_hash(), A.content_hash(), B.content_hash()]
+
+
+def test_after_the_swaps_requests_see_only_the_last_vectors(run):
+    for output, reference in zip(run["after"], run["reference"], strict=True):
+        assert output["tokens"] == reference["argmax"]
+        assert max_abs_diff(output["logprobs"], reference["logprobs"]) < 1e-3
