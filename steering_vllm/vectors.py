@@ -51,6 +51,7 @@ class SteeringVectors:
             raise SteeringVectorsError(
                 f"{source}: num_layers and hidden_size must be positive, got {num_layers} and {hidden_size}"
             )
+        self._content_hash: str | None = None
         self.vectors: dict[int, torch.Tensor] = {}
         for layer, vector in sorted(vectors.items()):
             self.vectors[int(layer)] = _checked_vector(vector, int(layer), self.num_layers, self.hidden_size, source)
@@ -201,10 +202,15 @@ class SteeringVectors:
         return [float(v) for v in self.to_tensor().norm(dim=1)]
 
     def content_hash(self) -> str:
-        """sha256 of the shape and the float32 values; independent of file format, metadata and layer order."""
-        digest = hashlib.sha256(f"{self.num_layers}x{self.hidden_size}:".encode())
-        digest.update(self.to_tensor().numpy().tobytes())
-        return digest.hexdigest()
+        """sha256 of the shape and the float32 values; independent of file format, metadata and layer order.
+
+        Computed once (about 1 ms per MB): instances are not modified after construction.
+        """
+        if self._content_hash is None:
+            digest = hashlib.sha256(f"{self.num_layers}x{self.hidden_size}:".encode())
+            digest.update(self.to_tensor().numpy().tobytes())
+            self._content_hash = digest.hexdigest()
+        return self._content_hash
 
     def __repr__(self) -> str:
         return (
