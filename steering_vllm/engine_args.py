@@ -100,22 +100,38 @@ def check_vectors_against_model(vllm_config) -> None:
     if path is None:
         return
     model_config = vllm_config.model_config
-    architectures = list(getattr(model_config.hf_config, "architectures", None) or [])
-    if not set(architectures) & set(ARCHITECTURES):
+    if not is_steered(model_config):
         raise SteeringVectorsError(
-            f"{path}: model {model_config.model} is {architectures}; steering supports {sorted(ARCHITECTURES)}"
+            f"{path}: model {model_config.model} is {_architectures(model_config)}; "
+            f"steering supports {sorted(ARCHITECTURES)}"
         )
+    vectors_for_model(path, model_config)
+
+
+def vectors_for_model(vectors: SteeringVectors | str | os.PathLike, model_config) -> SteeringVectors:
+    """``vectors`` (an object or any readable file), checked against the model's layer count and width."""
     text_config = model_config.hf_text_config
-    vectors = SteeringVectors.load(path, num_layers=text_config.num_hidden_layers)
+    if not isinstance(vectors, SteeringVectors):
+        vectors = SteeringVectors.load(vectors, num_layers=text_config.num_hidden_layers)
     vectors.check_compatible(text_config.num_hidden_layers, text_config.hidden_size, model_config.model)
+    return vectors
+
+
+def is_steered(model_config) -> bool:
+    """Whether the plugin serves this model with its steered class."""
+    from steering_vllm.plugin import ARCHITECTURES
+
+    return bool(set(_architectures(model_config)) & set(ARCHITECTURES))
+
+
+def _architectures(model_config) -> list[str]:
+    return list(getattr(model_config.hf_config, "architectures", None) or [])
 
 
 def add_worker_extension(vllm_config) -> None:
     """Give steered models' workers the hot-swap methods, unless the user named an extension of their own."""
-    from steering_vllm.plugin import ARCHITECTURES
     from steering_vllm.worker import EXTENSION
 
-    architectures = getattr(vllm_config.model_config.hf_config, "architectures", None) or []
     parallel_config = vllm_config.parallel_config
-    if set(architectures) & set(ARCHITECTURES) and not parallel_config.worker_extension_cls:
+    if is_steered(vllm_config.model_config) and not parallel_config.worker_extension_cls:
         parallel_config.worker_extension_cls = EXTENSION

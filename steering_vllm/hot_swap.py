@@ -46,13 +46,10 @@ async def update_steering_async(engine, vectors: SteeringVectors | str | os.Path
 
 
 def _checked(vllm_config, vectors) -> SteeringVectors:
+    from steering_vllm.engine_args import vectors_for_model
     from steering_vllm.worker import EXTENSION
 
-    model_config = vllm_config.model_config
-    text_config = model_config.hf_text_config
-    if not isinstance(vectors, SteeringVectors):
-        vectors = SteeringVectors.load(vectors, num_layers=text_config.num_hidden_layers)
-    vectors.check_compatible(text_config.num_hidden_layers, text_config.hidden_size, model_config.model)
+    vectors = vectors_for_model(vectors, vllm_config.model_config)
     extension = vllm_config.parallel_config.worker_extension_cls
     if extension != EXTENSION:
         raise SteeringVectorsError(
