@@ -70,6 +70,15 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
         metavar="FACTOR",
         help="Multiply the steering vectors by this factor (default 1.0).",
     )
+    group.add_argument(
+        "--steering-dir",
+        type=_directory,
+        default=None,
+        metavar="DIR",
+        help="Let PUT /v1/steering load vector files by name from this directory (nothing outside it). "
+        "Default: none (PUT takes vectors in the request body only). The endpoint is on when "
+        "VLLM_PLUGINS names steering_vllm.",
+    )
 
 
 def route_steering_args(args: argparse.Namespace, engine_args) -> None:
@@ -89,6 +98,13 @@ def _vectors_file(value: str) -> str:
         SteeringVectors.load(path)
     except SteeringVectorsError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    return path
+
+
+def _directory(value: str) -> str:
+    path = os.path.realpath(value)
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{value}: not a directory")
     return path
 
 

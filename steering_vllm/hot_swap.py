@@ -21,7 +21,7 @@ def update_steering(llm, vectors: SteeringVectors | str | os.PathLike) -> str:
     request then); a request never sees half a swap.
     """
     vectors = _checked(llm.llm_engine.vllm_config, vectors)
-    _check_hashes(llm.collective_rpc("steering_update", args=(vectors.to_bytes(),)), vectors)
+    _check_hashes(llm.collective_rpc("steering_update", args=(vectors.to_bytes(), vectors.source)), vectors)
     if not llm.reset_prefix_cache():
         raise RuntimeError("steering update: the prefix cache could not be reset (requests still running?)")
     return vectors.content_hash()
@@ -39,7 +39,7 @@ async def update_steering_async(engine, vectors: SteeringVectors | str | os.Path
     payload = vectors.to_bytes()
     await engine.pause_generation(mode="keep", clear_cache=True)
     try:
-        _check_hashes(await engine.collective_rpc("steering_update", args=(payload,)), vectors)
+        _check_hashes(await engine.collective_rpc("steering_update", args=(payload, vectors.source)), vectors)
     finally:
         await engine.resume_generation()
     return vectors.content_hash()

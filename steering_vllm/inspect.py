@@ -9,18 +9,6 @@ import sys
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
 
 
-def summary(vectors: SteeringVectors) -> dict:
-    return {
-        "source": vectors.source,
-        "model": vectors.model,
-        "num_layers": vectors.num_layers,
-        "hidden_size": vectors.hidden_size,
-        "layers": sorted(vectors.vectors),
-        "norms": vectors.norms(),
-        "content_hash": vectors.content_hash(),
-    }
-
-
 def format_summary(info: dict) -> str:
     lines = [
         f"source       {info['source']}",
@@ -45,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     try:
-        info = summary(SteeringVectors.load(args.path, num_layers=args.num_layers))
+        info = SteeringVectors.load(args.path, num_layers=args.num_layers).summary()
     except SteeringVectorsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,9 @@ Qwen2.5-Math / Llama-3.x checkpoint is served steered, with the base checkpoint 
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
@@ -18,6 +21,8 @@ from steering_vllm.norm import SteeredRMSNorm
 from steering_vllm.vectors import SteeringVectors
 
 logger = init_logger(__name__)
+
+HISTORY_LENGTH = 32  # swaps remembered for GET /v1/steering
 
 
 class SteeringMixin:
@@ -38,6 +43,8 @@ class SteeringMixin:
         if not isinstance(decoder.norm, PPMissingLayer):
             decoder.norm = SteeredRMSNorm.replacing(decoder.norm, steered_layer=self.steering_num_layers - 1)
 
+        self._steering_history: deque[dict] = deque(maxlen=HISTORY_LENGTH)
+        self._record_steering(SteeringVectors.zeros(self.steering_num_layers, self.steering_hidden_size))
         path, scale = steering_options(vllm_config.additional_config)
         if path is not None:
             model_name = vllm_config.model_config.model
@@ -57,6 +64,16 @@ class SteeringMixin:
         with torch.no_grad():
             for norm in self.steering_norms():
                 norm.steering_table[0].copy_(table[norm.steered_layer])
+        self._record_steering(vectors)
+
+    def _record_steering(self, vectors: SteeringVectors) -> None:
+        # Every rank receives the full vectors, so every rank can describe them (and all agree).
+        self._steering_status = {**vectors.summary(), "set_at": time.time()}
+        self._steering_history.append({k: self._steering_status[k] for k in ("content_hash", "source", "set_at")})
+
+    def steering_status(self) -> dict:
+        """The active vectors' summary (hash, source, layers, norms), when they were set, and earlier swaps."""
+        return {**self._steering_status, "history": list(self._steering_history)}
 
     def get_steering(self) -> torch.Tensor:
         """[L, d] float32 copy of the vectors this rank holds (zero rows for layers held by other ranks)."""

@@ -197,6 +197,18 @@ class SteeringVectors:
                 f"{self.source}: num_layers {self.num_layers} does not match the model's {num_layers}{where}"
             )
 
+    def summary(self) -> dict:
+        """What ``inspect`` prints and ``GET /v1/steering`` answers: plain JSON-able values."""
+        return {
+            "source": self.source,
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "layers": sorted(self.vectors),
+            "norms": self.norms(),
+            "content_hash": self.content_hash(),
+        }
+
     def norms(self) -> list[float]:
         """L2 norm of each layer's vector (0.0 for absent layers)."""
         return [float(v) for v in self.to_tensor().norm(dim=1)]

@@ -11,12 +11,16 @@ EXTENSION = "steering_vllm.worker.SteeringWorkerExtension"
 
 
 class SteeringWorkerExtension:
-    def steering_update(self, payload: bytes) -> str:
+    def steering_update(self, payload: bytes, source: str = "update_steering") -> str:
         """Validate, then copy into this rank's buffers in place; returns the content hash."""
-        vectors = SteeringVectors.from_bytes(payload, source="update_steering")
+        vectors = SteeringVectors.from_bytes(payload, source=source)
         self.model_runner.get_model().set_steering(vectors)
         return vectors.content_hash()
 
     def steering_table(self) -> bytes:
         """This rank's vectors (zero rows for layers held by other pipeline ranks), as safetensors bytes."""
         return SteeringVectors.from_tensor(self.model_runner.get_model().get_steering()).to_bytes()
+
+    def steering_status(self) -> dict:
+        """What ``GET /v1/steering`` reports: the active vectors' summary, when they were set, the last swaps."""
+        return self.model_runner.get_model().steering_status()

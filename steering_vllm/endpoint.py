@@ -1,0 +1,236 @@
+"""``GET`` / ``PUT /v1/steering`` on ``vllm serve``: a vLLM endpoint plugin (entry point ``vllm.endpoint_plugins``).
+
+vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them, so the routes exist only with
+``VLLM_PLUGINS=steering_vllm`` (which also allows the general plugin of the same name, the steered models).
+They live under ``/v1``, so ``--api-key`` guards them like every other route.
+
+- ``GET`` answers the engine's own record: the active vectors' hash, source, layers, norms, the time they
+  were set, and the last swaps (``steering_vllm.models``); the workers are asked, not a copy kept here.
+- ``PUT`` swaps in place with ``update_steering_async`` (a swap lands between engine steps; requests keep
+  running). The body is either safetensors bytes in our format (any content type but JSON), or JSON
+  ``{"file": NAME}`` naming a file inside ``--steering-dir``. ``?scale=F`` multiplies the vectors.
+  PUTs are serialised; any failure answers 4xx/5xx and leaves the previous vectors active.
+- Every response carries ``x-steering-hash``: the vectors active when the request arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path, PurePath
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from steering_vllm.engine_args import is_steered
+from steering_vllm.hot_swap import update_steering_async
+from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+
+ROUTE = "/v1/steering"
+HASH_HEADER = "x-steering-hash"
+MAX_JSON_BYTES = 64 * 1024
+
+
+class HTTPProblem(Exception):
+    """A request the endpoint refuses: becomes a JSON error response with this status."""
+
+    def __init__(self, status: int, message: str, kind: str = "BadRequestError"):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+class SteeringEndpoint:
+    """The entry point object: vLLM calls ``attach_router`` while building the app, then ``init_state``."""
+
+    name = "steering_vllm"
+    required_tasks = ("generate",)
+
+    def __init__(self) -> None:
+        self.control: SteeringControl | None = None
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.add_api_route(ROUTE, self.get, methods=["GET"], tags=["steering"])
+        app.add_api_route(ROUTE, self.put, methods=["PUT"], tags=["steering"])
+        app.add_middleware(HashHeaderMiddleware, endpoint=self)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        if engine_client is None:  # the render-only server has no engine
+            return
+        self.control = SteeringControl(engine_client, getattr(args, "steering_dir", None))
+        if self.control.steered:
+            await self.control.status()
+        state.steering = self.control
+
+    async def get(self, request: Request) -> JSONResponse:
+        """The active steering vectors: content hash, source, layers, per-layer norms, when set, last swaps."""
+        return await _answer(lambda: self._control().status())
+
+    async def put(self, request: Request) -> JSONResponse:
+        """Swap the steering vectors in place: safetensors bytes in the body, or JSON {"file": NAME}."""
+        return await _answer(lambda: self._control().put(request))
+
+    def _control(self) -> SteeringControl:
+        if self.control is None:
+            raise HTTPProblem(503, "steering endpoint: no engine behind this server", "ServiceUnavailableError")
+        if not self.control.steered:
+            raise HTTPProblem(409, self.control.not_steered_message(), "ConflictError")
+        return self.control
+
+
+class SteeringControl:
+    """The engine's steering, as the HTTP routes see it."""
+
+    def __init__(self, engine, steering_dir: str | None):
+        self.engine = engine
+        self.model_config = engine.vllm_config.model_config
+        self.steered = is_steered(self.model_config)
+        self.steering_dir = Path(steering_dir).resolve() if steering_dir else None
+        text_config = self.model_config.hf_text_config
+        self.num_layers = text_config.num_hidden_layers
+        # Our file is 4 bytes per value plus a small header; readers also take float64, so allow twice that.
+        self.max_body_bytes = 8 * text_config.num_hidden_layers * text_config.hidden_size + (1 << 20)
+        self.active_hash: str | None = None
+        self._lock = asyncio.Lock()
+
+    def not_steered_message(self) -> str:
+        architectures = getattr(self.model_config.hf_config, "architectures", None)
+        return f"model {self.model_config.model} ({architectures}) is not served with steering"
+
+    async def status(self) -> dict:
+        statuses = await self.engine.collective_rpc("steering_status")
+        hashes = {s["content_hash"] for s in statuses}
+        if len(hashes) != 1:
+            raise HTTPProblem(500, f"workers disagree on the active vectors: {sorted(hashes)}", "InternalServerError")
+        self.active_hash = statuses[0]["content_hash"]
+        return statuses[0]
+
+    async def put(self, request: Request) -> dict:
+        scale = _scale(request.query_params.get("scale"))
+        if _content_type(request) == "application/json":
+            vectors = await self._from_file(await _read_body(request, MAX_JSON_BYTES), scale)
+        else:
+            vectors = _from_body(await _read_body(request, self.max_body_bytes), scale)
+        async with self._lock:
+            try:
+                await update_steering_async(self.engine, vectors)
+            except SteeringVectorsError as e:
+                raise HTTPProblem(400, str(e)) from None
+            except Exception as e:  # the engine failed the swap: say so, and report what is active now
+                raise HTTPProblem(500, f"swap failed: {type(e).__name__}: {e}", "InternalServerError") from None
+            return await self.status()
+
+    async def _from_file(self, body: bytes, scale: float | None) -> SteeringVectors:
+        try:
+            spec = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPProblem(400, f"request body is not valid JSON ({e})") from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("file"), str):
+            raise HTTPProblem(400, 'a JSON body must be {"file": NAME}, NAME a file in the server\'s --steering-dir')
+        if set(spec) != {"file"}:
+            raise HTTPProblem(400, f'unknown key(s) {sorted(set(spec) - {"file"})}; a JSON body is {{"file": NAME}}')
+        name = spec["file"]
+        path = self.allowed_file(name)
+        try:
+            vectors = await asyncio.to_thread(SteeringVectors.load, path, self.num_layers)
+        except SteeringVectorsError as e:
+            raise HTTPProblem(400, str(e).replace(str(path), name)) from None
+        vectors.source = name
+        return _scaled(vectors, scale)
+
+    def allowed_file(self, name: str) -> Path:
+        if self.steering_dir is None:
+            raise HTTPProblem(
+                403, "loading vectors by file name is off: start the server with --steering-dir DIR", "ForbiddenError"
+            )
+        return resolve_inside(self.steering_dir, name)
+
+
+def resolve_inside(directory: Path, name: str) -> Path:
+    """``name`` resolved inside ``directory`` (itself resolved); refuses absolute names, ``..``, links out."""
+    if not name or PurePath(name).is_absolute() or ".." in PurePath(name).parts or "\\" in name:
+        raise HTTPProblem(403, f"{name!r}: give a relative name inside the steering directory", "ForbiddenError")
+    path = (directory / name).resolve()
+    if not path.is_relative_to(directory):
+        raise HTTPProblem(403, f"{name!r} resolves outside the steering directory", "ForbiddenError")
+    if not path.exists():
+        raise HTTPProblem(404, f"{name!r}: no such file in the steering directory", "NotFoundError")
+    return path
+
+
+class HashHeaderMiddleware:
+    """Adds ``x-steering-hash`` (the vectors active when the request arrived) to every HTTP response."""
+
+    def __init__(self, app, endpoint: SteeringEndpoint):
+        self.app = app
+        self.endpoint = endpoint
+
+    async def __call__(self, scope, receive, send):
+        control = self.endpoint.control
+        active = control.active_hash if control is not None else None
+        if scope["type"] != "http" or active is None:
+            return await self.app(scope, receive, send)
+        header = (HASH_HEADER.encode(), active.encode())
+
+        async def send_with_hash(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_hash)
+
+
+async def _answer(action) -> JSONResponse:
+    try:
+        return JSONResponse(await action())
+    except HTTPProblem as e:
+        return JSONResponse(
+            {"error": {"message": str(e), "type": e.kind, "param": None, "code": e.status}}, status_code=e.status
+        )
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPProblem(413, f"request body of {declared} bytes exceeds this model's limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPProblem(413, f"request body exceeds this model's limit of {limit} bytes")
+        chunks.append(chunk)
+    if size == 0:
+        raise HTTPProblem(400, 'empty body: send safetensors bytes, or JSON {"file": NAME} with a JSON content type')
+    return b"".join(chunks)
+
+
+def _from_body(body: bytes, scale: float | None) -> SteeringVectors:
+    try:
+        return _scaled(SteeringVectors.from_bytes(body, source="request body"), scale)
+    except SteeringVectorsError as e:
+        raise HTTPProblem(400, str(e)) from None
+
+
+def _scale(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = math.nan
+    if not math.isfinite(scale):
+        raise HTTPProblem(400, f"scale must be a finite number, got {value!r}")
+    return scale
+
+
+def _scaled(vectors: SteeringVectors, scale: float | None) -> SteeringVectors:
+    if scale is None or scale == 1.0:
+        return vectors
+    scaled = vectors.scale(scale)
+    scaled.source = f"{vectors.source} (scale {scale:g})"
+    return scaled
