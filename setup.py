@@ -73,6 +73,7 @@ setup(
         "pyyaml",
         "tqdm",
         "gguf>=0.10",
+        "math-verify[antlr4_13_2]>=0.9",
     ],
     entry_points={
         "vllm.general_plugins": ["steering_vllm = steering_vllm.plugin:register"],

@@ -1,0 +1,56 @@
+"""The learner's steered forward (fused op, vLLM-style residual carry) against HF forward hooks in float64."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from trainer.learner import SteeredLearner
+
+
+def _hooked_logprobs(model, table, ids, mask):
+    """The method's definition: s_l added to decoder layer l's output (forward hooks), plain HF forward."""
+    handles = [
+        block.register_forward_hook(lambda module, args, out, v=table[layer]: out + v)
+        for layer, block in enumerate(model.model.layers)
+    ]
+    try:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_logprobs_and_gradient_match_the_hooked_hf_model(tiny_model_dirs, family, checkpointing):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs[family]), dtype=torch.float64).eval()
+    config = model.config
+    table = torch.randn(config.num_hidden_layers, config.hidden_size, dtype=torch.float64) * 0.3
+    ids = torch.randint(1, config.vocab_size, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # right padding
+    mask[2, 9:] = 0
+
+    reference_table = table.clone().requires_grad_(True)
+    reference = _hooked_logprobs(model, reference_table, ids, mask)
+    valid = mask[:, 1:].bool()
+    (reference * valid).sum().backward()
+
+    learner = SteeredLearner(model, table.float(), gradient_checkpointing=checkpointing)
+    learner.steering.data = table.clone()  # float64 throughout for the comparison
+    ours = learner.token_logprobs(ids, mask)
+    (ours * valid).sum().backward()
+
+    # HF's RMSNorm computes in float32 even in a float64 model: differences of ~1e-7 are its rounding; a
+    # vector in the wrong place or a broken gradient is off by orders of magnitude more.
+    assert torch.allclose(ours[valid], reference[valid], atol=1e-6, rtol=0)
+    assert torch.allclose(learner.steering.grad, reference_table.grad, atol=1e-6, rtol=1e-5)
+    assert reference_table.grad.abs().max() > 0.1
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_wrong_shape_is_refused(tiny_model_dirs):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs["qwen2"]))
+    with pytest.raises(ValueError, match=r"steering has shape \(4, 64\), the model needs \(4, 128\)"):
+        SteeredLearner(model, torch.zeros(4, 64))

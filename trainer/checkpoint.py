@@ -1,0 +1,54 @@
+"""Checkpoints a run can resume from: vectors, optimizer, scheduler, RNG states and the next step.
+
+Each is a directory ``OUTPUT/checkpoints/step_NNNNNN`` written under a temporary name and renamed, so a
+crash mid-write leaves the previous checkpoint intact; the last ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from steering_vllm import SteeringVectors
+
+STATE = "state.pt"
+VECTORS = "steering_vectors.safetensors"
+
+
+def save_checkpoint(output_dir: Path, step: int, steering: torch.Tensor, optimizer, scheduler, keep: int) -> Path:
+    """``step``: the number of optimizer steps done (the step a resumed run starts at)."""
+    root = output_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    partial = root / f".step_{step:06d}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    state = {
+        "step": step,
+        "steering": steering.detach().cpu().clone(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
+    torch.save(state, partial / STATE)
+    SteeringVectors.from_tensor(state["steering"]).save(partial / VECTORS)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = sorted(p for p in (output_dir / "checkpoints").glob("step_*") if (p / STATE).is_file())
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    state = torch.load(path / STATE, map_location="cpu", weights_only=False)
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    return state

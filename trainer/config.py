@@ -1,0 +1,177 @@
+"""The trainer's configuration: a YAML file plus ``--key value`` overrides, validated, written back resolved.
+
+Every option is a field of ``TrainConfig`` with its default and meaning; unknown keys and bad values are
+errors that name the key. Defaults follow the paper (Sinii et al.): temperature 1.0, 128 prompts per step,
+AdamW on the vectors only at a learning rate of 1e-3 with warmup, gradient clipping, RLOO advantages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class TrainConfig:
+    # what to train, where to write
+    model: str = ""  # HF name or local directory (Qwen2 / Llama architecture)
+    output_dir: str = ""
+    trainable: Literal["steering"] = "steering"
+    init_vectors: str | None = None  # start from these vectors (any readable format) instead of zeros
+    seed: int = 0
+    steps: int = 100
+    # data
+    train_data: str = ""  # .jsonl / .json / .parquet file, or a Hugging Face dataset name
+    train_split: str = "train"
+    eval_data: str | None = None
+    eval_split: str = "test"
+    question_field: str = "problem"
+    answer_field: str = "answer"
+    prompt_template: Literal["auto", "chat", "plain"] = "auto"  # auto: chat if the tokenizer has a template
+    system_prompt: str = SYSTEM_PROMPT
+    plain_template: str = "{question}\n" + SYSTEM_PROMPT + "\n"
+    max_prompt_tokens: int = 1024  # longer prompts are skipped (counted in the log)
+    # rollout
+    prompts_per_step: int = 128
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    engine: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM keyword arguments
+    # reward
+    reward_fn: str = "trainer.rewards:math_verify_reward"
+    reward_mode: Literal["binary", "signed"] = "binary"
+    reward_workers: int = 2
+    reward_timeout_s: float = 10.0
+    # learner
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate over the step's batch
+    gradient_checkpointing: bool = False
+    advantage: Literal["rloo", "group_mean"] = "rloo"
+    scale_advantage_by_std: bool = False
+    loss_normalization: Literal["token_sum", "token_mean", "sequence_mean"] = "token_sum"
+    loss_constant: int | None = None  # token_sum divides by this times the number of sequences; default max_new_tokens
+    truncated: Literal["mask", "penalize", "keep"] = "keep"  # completions that hit max_new_tokens
+    kl_coef: float = 0.0  # penalty against the unsteered model (k3 estimator); 0 skips the extra forward
+    importance_correction: Literal["none", "tis"] = "none"  # truncated importance sampling, engine vs learner
+    tis_cap: float = 2.0
+    # checkpoints, logs, evaluation
+    save_every: int = 10
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # steps; 0: only before and after training (when eval_data is set)
+    eval_prompts: int = 0  # 0: the whole eval split
+    eval_temperature: float = 0.0
+    resume: bool = False
+
+
+def load_config(argv: list[str] | None = None) -> TrainConfig:
+    """``--config FILE.yaml`` plus ``--key value`` overrides (values parsed as YAML scalars)."""
+    parser = argparse.ArgumentParser(prog="python -m trainer.rloo", description=__doc__)
+    parser.add_argument("--config", help="YAML file of options (see trainer/config.py for all of them)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    args, rest = parser.parse_known_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of options, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(_overrides(rest))
+    if args.resume:
+        values["resume"] = True
+    return build_config(values)
+
+
+def _overrides(rest: list[str]) -> dict[str, Any]:
+    overrides = {}
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--"):
+            raise ValueError(f"unexpected argument {token!r}: options are --key value")
+        key = token[2:].replace("-", "_")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(rest):
+            raw = rest[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"option --{key} needs a value")
+        overrides[key] = yaml.safe_load(raw) if raw != "" else ""
+    return overrides
+
+
+def build_config(values: dict[str, Any]) -> TrainConfig:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; see trainer/config.py for the options")
+    hints = typing.get_type_hints(TrainConfig)
+    checked = {key: _checked(key, value, hints[key]) for key, value in values.items()}
+    config = TrainConfig(**checked)
+    _check_ranges(config)
+    return config
+
+
+def _checked(key: str, value: Any, hint) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"option {key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        origin = typing.get_origin(hint)
+    expected = origin or hint
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"option {key}: expected {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    required = ("model", "output_dir", "train_data")
+    missing = [key for key in required if not getattr(config, key)]
+    if missing:
+        raise ValueError(f"missing required option(s) {missing}")
+    positive = ("steps", "prompts_per_step", "max_new_tokens", "micro_batch_size", "reward_workers",
+                "max_prompt_tokens", "save_every", "keep_checkpoints")  # fmt: skip
+    for key in positive:
+        if getattr(config, key) < 1:
+            raise ValueError(f"option {key} must be >= 1, got {getattr(config, key)}")
+    if config.samples_per_prompt < 2:
+        raise ValueError(f"option samples_per_prompt must be >= 2 (advantages compare samples of one prompt), "
+                         f"got {config.samples_per_prompt}")  # fmt: skip
+    for key in ("learning_rate", "temperature", "reward_timeout_s", "max_grad_norm", "tis_cap"):
+        if not getattr(config, key) > 0:
+            raise ValueError(f"option {key} must be > 0, got {getattr(config, key)}")
+    for key in ("warmup_steps", "weight_decay", "kl_coef", "eval_every", "eval_prompts", "eval_temperature"):
+        if getattr(config, key) < 0:
+            raise ValueError(f"option {key} must be >= 0, got {getattr(config, key)}")
+    if not 0 < config.top_p <= 1:
+        raise ValueError(f"option top_p must be in (0, 1], got {config.top_p}")
+    if config.loss_constant is not None and config.loss_constant < 1:
+        raise ValueError(f"option loss_constant must be >= 1, got {config.loss_constant}")
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True))

@@ -1,0 +1,115 @@
+"""Questions and gold answers, the prompts built from them, and the order in which training sees them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    answer: str
+
+
+def load_examples(source: str, question_field: str, answer_field: str, split: str = "train") -> list[Example]:
+    """From a local .jsonl / .json / .parquet file, or a Hugging Face dataset name (``datasets`` and a network)."""
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{source}: no such data file")
+        rows = _read_rows(path)
+    else:
+        rows = _hub_rows(source, split)
+    examples = []
+    for number, row in enumerate(rows, 1):
+        missing = [f for f in (question_field, answer_field) if f not in row]
+        if missing:
+            raise ValueError(f"{source}: row {number} has no field(s) {missing} (it has {sorted(row)}); "
+                             "set question_field / answer_field")  # fmt: skip
+        examples.append(Example(str(row[question_field]), str(row[answer_field])))
+    if not examples:
+        raise ValueError(f"{source}: no examples")
+    return examples
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text()
+    if path.suffix == ".json":
+        rows = json.loads(text)
+        return rows if isinstance(rows, list) else rows.get("data", [])
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {number} is not JSON ({e})") from None
+    return rows
+
+
+def _hub_rows(name: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{name}: not a local .jsonl/.json/.parquet file, and `datasets` is not installed") from None
+    return list(datasets.load_dataset(name, split=split))
+
+
+class PromptBuilder:
+    """Token ids of the prompt for a question: the model's chat template with the system prompt, or plain text."""
+
+    def __init__(self, tokenizer, template: str, system_prompt: str, plain_template: str):
+        if template == "auto":
+            template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+        if template == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_template 'chat': the tokenizer has no chat template; use 'plain'")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.system_prompt = system_prompt
+        self.plain_template = plain_template
+
+    def __call__(self, question: str) -> list[int]:
+        if self.template == "chat":
+            messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": question}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(self.plain_template.replace("{question}", question))["input_ids"]
+
+
+def stop_token_ids(tokenizer, model_dir: str | None = None) -> list[int]:
+    """EOS of the tokenizer and of the model's generation config (chat models end turns with their own token)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if model_dir is not None:
+        try:
+            from transformers import GenerationConfig
+
+            eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        except OSError:
+            pass
+    return sorted(ids)
+
+
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of training step ``step`` (0-based): epochs of seeded permutations, read in order.
+
+    A pure function of its arguments, so a resumed run sees exactly the batches it would have seen.
+    """
+    start = step * batch_size
+    indices = []
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), num_examples)
+        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(batch_size - len(indices), num_examples - offset)
+        indices.extend(order[offset : offset + take].tolist())
+    return indices

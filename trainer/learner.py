@@ -1,0 +1,101 @@
+"""The learner's forward: an HF transformers Qwen2 / Llama model, frozen, with the steering vectors trainable.
+
+It runs the model's own submodules (embeddings, attention, MLP, norms, rotary) but carries ``(hidden,
+residual)`` across layers the way vLLM does, so that "residual add + steering vector + next RMSNorm" is one
+call of the fused op in its autograd form, the same op the rollout engine runs in place. Layer ``l``'s
+vector enters layer ``l+1``'s input norm (the final norm for the last layer); see DESIGN.md §2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+
+SUPPORTED = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+class SteeredLearner(nn.Module):
+    """``model`` frozen; ``steering`` ([num_layers, hidden_size], float32) the only parameter that trains."""
+
+    def __init__(self, model: nn.Module, steering: torch.Tensor | None = None, gradient_checkpointing: bool = False):
+        super().__init__()
+        architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+        if not set(architectures) & set(SUPPORTED):
+            raise ValueError(f"learner: model is {architectures}; steering supports {list(SUPPORTED)}")
+        self.model = model.requires_grad_(False)
+        config = model.config
+        shape = (config.num_hidden_layers, config.hidden_size)
+        if steering is None:
+            steering = torch.zeros(shape)
+        if tuple(steering.shape) != shape:
+            raise ValueError(f"learner: steering has shape {tuple(steering.shape)}, the model needs {shape}")
+        device = model.get_input_embeddings().weight.device
+        self.steering = nn.Parameter(steering.detach().to(device=device, dtype=torch.float32).clone())
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, T, d] (after the steered final norm), right-padded batches."""
+        return steered_hidden_states(self.model, self.steering, input_ids, attention_mask, self.gradient_checkpointing)
+
+    def token_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """log p(token t | tokens < t) at ``temperature``, [B, T-1] float32 (entry t-1 scores token t)."""
+        hidden = self(input_ids, attention_mask)[:, :-1]
+        logits = self.model.get_output_embeddings()(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        targets = input_ids[:, 1:]
+        return logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+
+
+def steered_hidden_states(model, steering, input_ids, attention_mask, gradient_checkpointing=False) -> torch.Tensor:
+    from transformers.masking_utils import create_causal_mask
+
+    decoder = model.model
+    embeds = decoder.embed_tokens(input_ids)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    mask = create_causal_mask(
+        config=decoder.config,
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        past_key_values=None,
+        position_ids=position_ids,
+    )
+    rotary = decoder.rotary_emb(embeds, position_ids)
+    hidden, residual = None, embeds
+    for index, layer in enumerate(decoder.layers):
+        vector = steering[index - 1 : index] if index > 0 else None
+        if gradient_checkpointing and torch.is_grad_enabled():
+            hidden, residual = checkpoint(
+                _layer, layer, hidden, residual, vector, mask, rotary, position_ids, use_reentrant=False
+            )
+        else:
+            hidden, residual = _layer(layer, hidden, residual, vector, mask, rotary, position_ids)
+    out, _ = steered_norm(hidden, residual, steering[-1:], decoder.norm)
+    return out
+
+
+def _layer(layer, hidden, residual, vector, mask, rotary, position_ids):
+    if vector is None:  # layer 0: its input is the embeddings, never steered
+        hidden = layer.input_layernorm(residual)
+    else:
+        hidden, residual = steered_norm(hidden, residual, vector, layer.input_layernorm)
+    attention = layer.self_attn(
+        hidden_states=hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids
+    )[0]
+    residual = residual + attention
+    hidden = layer.mlp(layer.post_attention_layernorm(residual))
+    return hidden, residual
+
+
+def steered_norm(hidden, residual, vector, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(hidden + residual + vector), hidden + residual + vector) with the fused op; [B, T, d] in and out."""
+    shape = residual.shape
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    y, residual_out = kernels.fused_add_steer_rms_norm(
+        hidden.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1]), vector, None, norm.weight, eps
+    )
+    return y.view(shape), residual_out.view(shape)
