@@ -143,6 +143,11 @@ def _checked(key: str, value: Any, hint) -> Any:
     expected = origin or hint
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ValueError(f"option {key}: expected {getattr(expected, '__name__', expected)}, got {value!r}")
     return value

@@ -38,7 +38,10 @@ def load_examples(source: str, question_field: str, answer_field: str, split: st
 
 def _read_rows(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install 'steering-vllm[data]')") from None
 
         return pq.read_table(path).to_pylist()
     text = path.read_text()
@@ -59,7 +62,10 @@ def _hub_rows(name: str, split: str) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"{name}: not a local .jsonl/.json/.parquet file, and `datasets` is not installed") from None
+        raise ValueError(
+            f"{name}: not a local .jsonl/.json/.parquet file, and loading a Hugging Face dataset needs `datasets` "
+            "(pip install 'steering-vllm[data]')"
+        ) from None
     return list(datasets.load_dataset(name, split=split))
 
 

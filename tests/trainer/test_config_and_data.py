@@ -1,0 +1,90 @@
+"""Trainer configuration (YAML + overrides, validation) and data (files, prompts, the batch order)."""
+
+import json
+
+import pytest
+import yaml
+from tiny_models import build_tokenizer
+
+from trainer.config import SYSTEM_PROMPT, load_config, save_config
+from trainer.data import PromptBuilder, batch_indices, load_examples
+
+REQUIRED = ["--model", "m", "--output_dir", "o", "--train_data", "d.jsonl"]
+
+
+def test_yaml_then_overrides_and_the_resolved_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "output_dir": "o", "train_data": "d.jsonl", "steps": 5,
+                                    "engine": {"enforce_eager": True}}))  # fmt: skip
+    config = load_config(["--config", str(path), "--steps", "7", "--learning-rate", "2e-3", "--resume"])
+    assert (config.steps, config.learning_rate, config.resume, config.engine) == (
+        7,
+        2e-3,
+        True,
+        {"enforce_eager": True},
+    )
+    assert (config.temperature, config.prompts_per_step, config.advantage, config.system_prompt) == (
+        1.0, 128, "rloo", SYSTEM_PROMPT)  # fmt: skip
+    save_config(config, tmp_path / "resolved.yaml")
+    assert load_config(["--config", str(tmp_path / "resolved.yaml")]) == config
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--stepz", "3"], r"unknown option\(s\) \['stepz'\]"),
+        (["--steps", "many"], "option steps: expected int, got 'many'"),
+        (["--steps", "true"], "option steps: expected int, got True"),
+        (["--advantage", "ppo"], r"option advantage: 'ppo' is not one of \['rloo', 'group_mean'\]"),
+        (["--samples_per_prompt", "1"], "samples_per_prompt must be >= 2"),
+        (["--temperature", "0"], "temperature must be > 0"),
+        (["--top_p", "1.5"], r"top_p must be in \(0, 1\]"),
+        (["--steps"], "option --steps needs a value"),
+        (["stray"], "unexpected argument 'stray'"),
+    ],
+)
+def test_bad_options_name_the_key(extra, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(REQUIRED + extra)
+
+
+def test_required_options():
+    with pytest.raises(ValueError, match=r"missing required option\(s\) \['output_dir', 'train_data'\]"):
+        load_config(["--model", "m"])
+
+
+def test_examples_from_jsonl_and_parquet(tmp_path):
+    rows = [{"q": f"question {i}", "a": i} for i in range(5)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.parquet"):
+        examples = load_examples(str(tmp_path / name), "q", "a")
+        assert [(e.question, e.answer) for e in examples] == [(f"question {i}", str(i)) for i in range(5)]
+    with pytest.raises(ValueError, match=r"row 1 has no field\(s\) \['problem'\]"):
+        load_examples(str(tmp_path / "d.jsonl"), "problem", "a")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such data file"):
+        load_examples(str(tmp_path / "missing.jsonl"), "q", "a")
+
+
+def test_batches_are_a_pure_function_of_the_step_and_cover_each_epoch():
+    batches = [batch_indices(10, 4, step, seed=3) for step in range(5)]  # 20 indices: two epochs of 10
+    assert batches == [batch_indices(10, 4, step, seed=3) for step in range(5)]
+    flat = [i for b in batches for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert flat[:10] != flat[10:]  # a new permutation each epoch
+    assert batch_indices(10, 4, 0, seed=4) != batches[0]
+
+
+def test_plain_and_chat_prompts(tmp_path):
+    tokenizer = build_tokenizer(tmp_path)
+    plain = PromptBuilder(tokenizer, "auto", SYSTEM_PROMPT, "Q: {question}\nA:")
+    assert plain.template == "plain"
+    assert tokenizer.decode(plain("1 + 1 = ?")) == "Q: 1 + 1 = ?\nA:"
+    with pytest.raises(ValueError, match="no chat template"):
+        PromptBuilder(tokenizer, "chat", SYSTEM_PROMPT, "")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    chat = PromptBuilder(tokenizer, "auto", SYSTEM_PROMPT, "")
+    assert tokenizer.decode(chat("1 + 1 = ?")) == f"<system>{SYSTEM_PROMPT}<user>1 + 1 = ?<assistant>"

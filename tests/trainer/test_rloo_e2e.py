@@ -1,0 +1,112 @@
+"""`python -m trainer.rloo` end to end on a tiny model with the real vLLM engine (CPU, fp32).
+
+The random tiny model never boxes a right answer, so the run scores with a shaped reward given by import
+path (the share of digits in the completion): enough signal for the vectors to move. Two runs of the same
+config: one uninterrupted, one killed with SIGKILL after a few steps and resumed: same final vectors.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from engine_utils import ENGINE_ENV
+
+from steering_vllm import SteeringVectors
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+STEPS = 8
+HELPERS = str(Path(__file__).resolve().parents[1] / "helpers")
+
+
+@pytest.fixture(scope="module")
+def config_for(tiny_model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rloo")
+    rows = [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(10) for b in range(10)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def config_for(name: str) -> Path:
+        config = {
+            "model": str(tiny_model_dirs["qwen2"]),
+            "output_dir": str(root / name),
+            "train_data": str(root / "train.jsonl"),
+            "steps": STEPS,
+            "prompts_per_step": 4,
+            "samples_per_prompt": 4,
+            "max_new_tokens": 48,
+            "micro_batch_size": 6,  # 16 sequences: micro-batches of 6, 6, 4
+            "learning_rate": 0.05,
+            "warmup_steps": 2,
+            "save_every": 2,
+            "keep_checkpoints": 2,
+            "reward_fn": "shaped_rewards:digit_share",
+            "engine": {"enforce_eager": True, "gpu_memory_utilization": 0.05, "max_model_len": 512},
+        }
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return config_for
+
+
+def _trainer(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "trainer.rloo", "--config", str(config), *extra]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(config_for):
+    config = config_for("straight")
+    _finish(_trainer(config))
+    return Path(yaml.safe_load(config.read_text())["output_dir"])
+
+
+def test_a_run_trains_the_vectors_and_engine_and_learner_agree(uninterrupted):
+    metrics = _metrics(uninterrupted)
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    vectors = SteeringVectors.load(uninterrupted / "steering_vectors.safetensors")
+    assert min(vectors.norms()) > 0.05  # every layer's vector moved away from zero
+    # the canary: the engine sampled with the vectors the learner scores with; fp32 on both sides
+    assert max(m["logprob_gap"] for m in metrics) < 1e-3
+    assert all(m["reward_status"] and m["time"].keys() == {"generate", "score", "learn", "sync"} for m in metrics)
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step_000006", "step_000008"]
+    resolved = yaml.safe_load((uninterrupted / "config.yaml").read_text())
+    assert resolved["steps"] == STEPS and resolved["temperature"] == 1.0
+
+
+def test_a_killed_run_resumes_to_the_same_vectors(config_for, uninterrupted):
+    config = config_for("killed")
+    output_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    process = _trainer(config)
+    deadline = time.monotonic() + 300
+    while not (output_dir / "metrics.jsonl").exists() or len(_metrics(output_dir)) < 3:
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = len(_metrics(output_dir))
+    assert killed_at < STEPS
+    output = _finish(_trainer(config, "--resume"))
+    assert "resumed from" in output
+    assert [m["step"] for m in _metrics(output_dir)] == list(range(1, STEPS + 1))
+    resumed = SteeringVectors.load(output_dir / "steering_vectors.safetensors").to_tensor()
+    straight = SteeringVectors.load(uninterrupted / "steering_vectors.safetensors").to_tensor()
+    assert torch.allclose(resumed, straight, atol=1e-6, rtol=0), (resumed - straight).abs().max()
