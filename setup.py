@@ -74,6 +74,7 @@ setup(
         "tqdm",
         "gguf>=0.10",
         "math-verify[antlr4_13_2]>=0.9",
+        "peft>=0.13",  # the LoRA baseline (--trainable lora)
     ],
     entry_points={
         "vllm.general_plugins": ["steering_vllm = steering_vllm.plugin:register"],

@@ -24,3 +24,32 @@ class SteeringWorkerExtension:
     def steering_status(self) -> dict:
         """What ``GET /v1/steering`` reports: the active vectors' summary, when they were set, the last swaps."""
         return self.model_runner.get_model().steering_status()
+
+    def load_weights_bytes(self, payload: bytes) -> int:
+        """Replace base weights in place from safetensors bytes (HF checkpoint names); returns the tensor count.
+
+        Goes through the worker's ``reload_weights`` rather than ``model.load_weights``: after loading, vLLM
+        repacks linear weights for its kernels (on CPU the plain weight is dropped for a packed copy), and
+        only the layerwise reload re-runs that processing. Tensor addresses stay the same and the steering
+        buffers are kept. The caller resets the prefix cache.
+        """
+        from safetensors.torch import load
+
+        tensors = load(payload)
+        self.reload_weights(weights_iterator=iter(tensors.items()))
+        _reprocess_tied_lm_head(self.model_runner.get_model())
+        return len(tensors)
+
+
+def _reprocess_tied_lm_head(model) -> None:
+    """Tied embeddings: the reload processes the module it loaded (``embed_tokens``) but not ``lm_head``, which
+    shares the weight and, on CPU, keeps a GEMM handle packed from the old values. Unquantized only, where the
+    processing is a repacking that may run again (a no-op on GPU)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if embed is None or getattr(lm_head, "weight", None) is not embed.weight:
+        return
+    if isinstance(getattr(lm_head, "quant_method", None), UnquantizedEmbeddingMethod):
+        lm_head.quant_method.process_weights_after_loading(lm_head)

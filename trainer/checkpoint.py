@@ -1,4 +1,4 @@
-"""Checkpoints a run can resume from: vectors, optimizer, scheduler, RNG states and the next step.
+"""Checkpoints a run can resume from: what it trains, optimizer, scheduler, RNG states and the next step.
 
 Each is a directory ``OUTPUT/checkpoints/step_NNNNNN`` written under a temporary name and renamed, so a
 crash mid-write leaves the previous checkpoint intact; the last ``keep`` are kept.
@@ -12,29 +12,22 @@ from pathlib import Path
 
 import torch
 
-from steering_vllm import SteeringVectors
-
 STATE = "state.pt"
-VECTORS = "steering_vectors.safetensors"
 
 
-def save_checkpoint(output_dir: Path, step: int, steering: torch.Tensor, optimizer, scheduler, keep: int) -> Path:
-    """``step``: the number of optimizer steps done (the step a resumed run starts at)."""
+def save_checkpoint(output_dir: Path, step: int, state: dict, keep: int, write_files=None) -> Path:
+    """``state``: the trainable's, optimizer's and scheduler's state dicts; ``step``: optimizer steps done (the
+    step a resumed run starts at); ``write_files(directory)`` adds readable files (e.g. the vectors)."""
     root = output_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     partial = root / f".step_{step:06d}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    state = {
-        "step": step,
-        "steering": steering.detach().cpu().clone(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-    }
+    state = {**state, "step": step, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
     torch.save(state, partial / STATE)
-    SteeringVectors.from_tensor(state["steering"]).save(partial / VECTORS)
+    if write_files is not None:
+        write_files(partial)
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:

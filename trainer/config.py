@@ -25,7 +25,9 @@ class TrainConfig:
     # what to train, where to write
     model: str = ""  # HF name or local directory (Qwen2 / Llama architecture)
     output_dir: str = ""
-    trainable: Literal["steering"] = "steering"
+    trainable: Literal["steering", "full", "lora"] = "steering"  # full / lora: baselines, all else identical
+    lora_rank: int = 1  # trainable: lora (on mlp.down_proj)
+    lora_alpha: float = 2.0
     init_vectors: str | None = None  # start from these vectors (any readable format) instead of zeros
     seed: int = 0
     steps: int = 100
@@ -159,7 +161,7 @@ def _check_ranges(config: TrainConfig) -> None:
     if missing:
         raise ValueError(f"missing required option(s) {missing}")
     positive = ("steps", "prompts_per_step", "max_new_tokens", "micro_batch_size", "reward_workers",
-                "max_prompt_tokens", "save_every", "keep_checkpoints")  # fmt: skip
+                "max_prompt_tokens", "save_every", "keep_checkpoints", "lora_rank")  # fmt: skip
     for key in positive:
         if getattr(config, key) < 1:
             raise ValueError(f"option {key} must be >= 1, got {getattr(config, key)}")

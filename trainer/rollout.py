@@ -30,10 +30,18 @@ class RolloutEngine:
         self.stop_token_ids = stop_token_ids
 
     def generate(
-        self, prompts: list[list[int]], samples: int, temperature: float, top_p: float, max_tokens: int, seed: str
+        self,
+        prompts: list[list[int]],
+        samples: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        seeds: list[str],
+        lora_request=None,
     ) -> list[list[Sample]]:
-        """``samples`` completions per prompt, each its own request with its own seed (derived from ``seed``, the
-        prompt's position and the sample's), so a resumed run draws the same samples."""
+        """``samples`` completions per prompt, each its own request with its own seed (derived from the prompt's
+        entry in ``seeds`` and the sample's number), so a resumed run, or one sharded over more ranks, draws
+        the same samples."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -47,16 +55,16 @@ class RolloutEngine:
                         temperature=temperature,
                         top_p=top_p,
                         max_tokens=max_tokens,
-                        seed=_derived_seed(seed, i, j),
+                        seed=_derived_seed(seeds[i], j),
                         logprobs=0 if temperature > 0 else None,
                         stop_token_ids=self.stop_token_ids,
                     )
                 )
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)
         flat = [_sample(output.outputs[0]) for output in outputs]
         return [flat[i * samples : (i + 1) * samples] for i in range(len(prompts))]
 
-    def sync(self, steering: torch.Tensor) -> str:
+    def sync_steering(self, steering: torch.Tensor) -> str:
         """Put the learner's vectors into the engine in place; returns their content hash."""
         return update_steering(self.llm, SteeringVectors.from_tensor(steering.detach().float().cpu()))
 
@@ -73,6 +81,6 @@ def _sample(completion) -> Sample:
     return Sample(list(completion.token_ids), logprobs, completion.text, completion.finish_reason == "length")
 
 
-def _derived_seed(seed: str, prompt: int, sample: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{prompt}:{sample}".encode()).digest()
+def _derived_seed(seed: str, sample: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{sample}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

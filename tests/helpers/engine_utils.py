@@ -36,13 +36,14 @@ def start_engine(model_dir, **kwargs):
     return LLM(str(model_dir), **{**ENGINE_KWARGS, **kwargs})
 
 
-def greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[dict]:
+def greedy(llm, prompts: list[list[int]], max_tokens: int, lora_request=None) -> list[dict]:
     """[{'tokens': [...], 'logprobs': [...]}] for greedy decoding, with the sampled tokens' logprobs."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    outputs = llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)
     results = []
     for output in outputs:
         completion = output.outputs[0]
@@ -70,6 +71,11 @@ def hf_reference(model_dir, table: torch.Tensor | None, prompts, generations) ->
     if table is not None:
         for layer, block in enumerate(model.model.layers):
             block.register_forward_hook(_add_to_output(table[layer]))
+    return teacher_forced(model, prompts, generations)
+
+
+def teacher_forced(model, prompts, generations) -> list[dict]:
+    """``hf_reference`` for a given HF model object (e.g. one being trained)."""
     results = []
     with torch.no_grad():
         for prompt, generation in zip(prompts, generations, strict=True):

@@ -110,3 +110,35 @@ def test_a_killed_run_resumes_to_the_same_vectors(config_for, uninterrupted):
     resumed = SteeringVectors.load(output_dir / "steering_vectors.safetensors").to_tensor()
     straight = SteeringVectors.load(uninterrupted / "steering_vectors.safetensors").to_tensor()
     assert torch.allclose(resumed, straight, atol=1e-6, rtol=0), (resumed - straight).abs().max()
+
+
+def test_torchrun_with_two_ranks_matches_the_single_process_run(config_for, uninterrupted):
+    """Two ranks, each with its own engine and half of every step's prompts, gradients all-reduced (gloo)."""
+    config = config_for("ddp")
+    output_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")])}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run([*torchrun, "-m", "trainer.rloo", "--config", str(config)], env=env,
+                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    ddp, single = _metrics(output_dir), _metrics(uninterrupted)
+    assert [m["reward_mean"] for m in ddp] == pytest.approx([m["reward_mean"] for m in single], abs=1e-6)
+    assert [m["response_length"] for m in ddp] == [m["response_length"] for m in single]
+    vectors = SteeringVectors.load(output_dir / "steering_vectors.safetensors").to_tensor()
+    straight = SteeringVectors.load(uninterrupted / "steering_vectors.safetensors").to_tensor()
+    assert torch.allclose(vectors, straight, atol=1e-5, rtol=0), (vectors - straight).abs().max()
+
+
+@pytest.mark.parametrize("trainable, output, moved", [("full", "model", "weight_update_norm"),
+                                                      ("lora", "lora_adapter", "lora_update_norm")])  # fmt: skip
+def test_the_baselines_train_through_the_same_trainer(config_for, trainable, output, moved):
+    config = config_for(f"baseline-{trainable}")
+    output_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    _finish(_trainer(config, "--trainable", trainable, "--steps", "2", "--lora_rank", "4"))
+    metrics = _metrics(output_dir)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[-1][moved] > 0
+    # the engine serves the learner's weights after each sync: full reloads them, LoRA loads a new adapter
+    assert max(m["logprob_gap"] for m in metrics) < 1e-3
+    assert (output_dir / output).is_dir() and (output_dir / "checkpoints" / "step_000002").is_dir()
+    assert not (output_dir / "steering_vectors.safetensors").exists()
