@@ -47,6 +47,9 @@ def config_for(tiny_model_dirs, tmp_path_factory):
             "save_every": 2,
             "keep_checkpoints": 2,
             "reward_fn": "shaped_rewards:digit_share",
+            "eval_data": str(root / "train.jsonl"),
+            "eval_prompts": 4,
+            "eval_every": 4,
             "engine": {"enforce_eager": True, "gpu_memory_utilization": 0.05, "max_model_len": 512},
         }
         path = root / f"{name}.yaml"
@@ -75,13 +78,15 @@ def _metrics(output_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(config_for):
     config = config_for("straight")
-    _finish(_trainer(config))
+    output = _finish(_trainer(config))
+    assert "held-out accuracy before training" in output and "held-out accuracy after training" in output
     return Path(yaml.safe_load(config.read_text())["output_dir"])
 
 
 def test_a_run_trains_the_vectors_and_engine_and_learner_agree(uninterrupted):
     metrics = _metrics(uninterrupted)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in metrics if "eval_accuracy" in m] == [4, 8]
     vectors = SteeringVectors.load(uninterrupted / "steering_vectors.safetensors")
     assert min(vectors.norms()) > 0.05  # every layer's vector moved away from zero
     # the canary: the engine sampled with the vectors the learner scores with; fp32 on both sides
