@@ -30,10 +30,18 @@ def load_examples(source: str, question_field: str, answer_field: str, split: st
         if missing:
             raise ValueError(f"{source}: row {number} has no field(s) {missing} (it has {sorted(row)}); "
                              "set question_field / answer_field")  # fmt: skip
-        examples.append(Example(str(row[question_field]), str(row[answer_field])))
+        examples.append(Example(str(row[question_field]), gold_answer(str(row[answer_field]))))
     if not examples:
         raise ValueError(f"{source}: no examples")
     return examples
+
+
+def gold_answer(answer: str) -> str:
+    """GSM8K's answers are worked solutions ending in ``#### 72``: the gold is what follows the marker.
+    Others (a bare answer, or a solution with ``\\boxed{}`` as in MATH) are left to the reward's parser."""
+    if "####" in answer:
+        return answer.rsplit("####", 1)[1].strip().replace(",", "")
+    return answer
 
 
 def _read_rows(path: Path) -> list[dict]:

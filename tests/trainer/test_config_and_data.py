@@ -7,7 +7,7 @@ import yaml
 from tiny_models import build_tokenizer
 
 from trainer.config import SYSTEM_PROMPT, load_config, save_config
-from trainer.data import PromptBuilder, batch_indices, load_examples
+from trainer.data import PromptBuilder, batch_indices, gold_answer, load_examples
 
 REQUIRED = ["--model", "m", "--output_dir", "o", "--train_data", "d.jsonl"]
 
@@ -88,3 +88,8 @@ def test_plain_and_chat_prompts(tmp_path):
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
     chat = PromptBuilder(tokenizer, "auto", SYSTEM_PROMPT, "")
     assert tokenizer.decode(chat("1 + 1 = ?")) == f"<system>{SYSTEM_PROMPT}<user>1 + 1 = ?<assistant>"
+
+
+def test_gold_answers():
+    assert gold_answer("She pays 2 * 36 = $72.\n#### 1,072") == "1072"  # GSM8K
+    assert gold_answer("\\frac{1}{2}") == "\\frac{1}{2}"
