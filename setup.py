@@ -75,6 +75,7 @@ setup(
         "gguf>=0.10",
         "math-verify[antlr4_13_2]>=0.9",
         "peft>=0.13",  # the LoRA baseline (--trainable lora)
+        "matplotlib",  # logit-lens plots, training curves
     ],
     entry_points={
         "vllm.general_plugins": ["steering_vllm = steering_vllm.plugin:register"],

@@ -30,7 +30,9 @@ def load_examples(source: str, question_field: str, answer_field: str, split: st
         if missing:
             raise ValueError(f"{source}: row {number} has no field(s) {missing} (it has {sorted(row)}); "
                              "set question_field / answer_field")  # fmt: skip
-        examples.append(Example(str(row[question_field]), gold_answer(str(row[answer_field]))))
+        answer = row[answer_field]
+        answer = ", ".join(map(str, answer)) if isinstance(answer, list) else str(answer)  # OlympiadBench: a list
+        examples.append(Example(str(row[question_field]), gold_answer(answer)))
     if not examples:
         raise ValueError(f"{source}: no examples")
     return examples

@@ -4,3 +4,9 @@ completion characters that are digits. Imported by path in reward worker process
 
 def digit_share(completion: str, gold: str) -> float:
     return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
+def first_character(completion: str, gold: str) -> bool:
+    """Correct when the completion's first non-space character is the gold: lets a test plant right answers
+    for a random model whose greedy output it has seen."""
+    return completion.strip()[:1] == gold
