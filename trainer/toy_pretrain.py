@@ -92,8 +92,16 @@ def pretrain(args) -> Path:
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     train, test = make_splits(args.train_size, args.test_size, args.seed)
-    tokenizer = build_tokenizer([prompt_text(r["problem"]) + r["solution"] for r in train], args.vocab_size)
-    model = build_model(len(tokenizer), args.hidden, args.layers, args.seed)
+    output = Path(args.output)
+    trained = build_tokenizer([prompt_text(r["problem"]) + r["solution"] for r in train], args.vocab_size)
+    trained.save_pretrained(output)
+    model = build_model(len(trained), args.hidden, args.layers, args.seed)
+    model.config.save_pretrained(output)
+    # Train with the tokenizer exactly as transformers and vLLM will load it from the checkpoint: for a Qwen2
+    # config that is Qwen2's tokenizer class, whose pre-tokenizer splits digits one by one (like Qwen's).
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(output)
     examples = encode(tokenizer, train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 20)
@@ -115,9 +123,7 @@ def pretrain(args) -> Path:
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == args.steps:
             print(f"step {step}/{args.steps}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f} s", flush=True)
-    output = Path(args.output)
     model.eval().save_pretrained(output)
-    tokenizer.save_pretrained(output)
     write_jsonl(train, output / "data" / "train.jsonl")
     write_jsonl(test, output / "data" / "test.jsonl")
     (output / "pretrain.json").write_text(json.dumps(vars(args), indent=1))
@@ -131,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-size", type=int, default=20000)
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--vocab-size", type=int, default=400)
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args(argv)
