@@ -226,7 +226,9 @@ class Run:
 
     def _write(self, record: dict) -> None:
         config = self.config
-        self.trainable.save(self.output_dir)  # the latest, every step (steering: 4 bytes x layers x width)
+        checkpoint_now = self.step % config.save_every == 0 or self.step == config.steps
+        if config.trainable != "full" or checkpoint_now:  # the latest, every step, unless it is the whole model
+            self.trainable.save(self.output_dir)
         with open(self.output_dir / "metrics.jsonl", "a") as metrics:
             metrics.write(json.dumps(record) + "\n")
         if self.board is not None:
@@ -235,7 +237,7 @@ class Run:
                     self.board.add_scalar(key, value, record["step"])
             for key, value in record["time"].items():
                 self.board.add_scalar(f"time/{key}", value, record["step"])
-        if self.step % config.save_every == 0 or self.step == config.steps:
+        if checkpoint_now:
             state = {"trainable": self.trainable.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict()}  # fmt: skip
             files = self.trainable.save if config.trainable != "full" else None  # full: the weights are in state
