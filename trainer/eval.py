@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import sys
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -159,7 +160,7 @@ def evaluate_benchmark(args, name: str, benchmark: Benchmark, prompt, rewards, b
         correct = [[r.status == "correct" for r in results[i * k : (i + 1) * k]] for i in range(len(examples))]
         scores.append(avg_at_k(correct))
         per_seed.append({"seed": seed, "score": scores[-1], "truncated": sum(s["truncated"] for s in flat),
-                         "statuses": _count(r.status for r in results),
+                         "statuses": dict(sorted(Counter(r.status for r in results).items())),
                          "samples": _samples(examples, samples, correct) if args.save_samples else None})  # fmt: skip
         bar.update(1)
     mean, std = mean_std(scores)
@@ -170,13 +171,6 @@ def evaluate_benchmark(args, name: str, benchmark: Benchmark, prompt, rewards, b
 def _samples(examples, samples, correct) -> list[dict]:
     return [{"question": e.question, "gold": e.answer, "completions": [s["text"] for s in group], "correct": c}
             for e, group, c in zip(examples, samples, correct, strict=True)]  # fmt: skip
-
-
-def _count(items) -> dict:
-    counts: dict = {}
-    for item in items:
-        counts[item] = counts.get(item, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -5,12 +5,12 @@ real); their vectors after two steps must equal a single process's, for every lo
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from server_utils import free_port
 
 from trainer.rollout import Sample
 from trainer.trainables import SteeringTrainable
@@ -59,18 +59,12 @@ def _rank(rank, world_size, port, model_dir, normalization, results):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_two_gloo_ranks_take_the_single_process_step(tiny_model_dirs, normalization):
     model_dir = str(tiny_model_dirs["qwen2"])
     single = _train(model_dir, normalization, list(range(6)))
     results = mp.Manager().dict()
-    mp.spawn(_rank, args=(2, _free_port(), model_dir, normalization, results), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), model_dir, normalization, results), nprocs=2, join=True)
     assert single.abs().max() > 0.01  # the step moved the vectors
     for rank in (0, 1):
         assert torch.allclose(results[rank], single, atol=1e-6, rtol=0), (results[rank] - single).abs().max()
