@@ -6,8 +6,9 @@ with the learner (the HF model, frozen, with the vectors as its only parameters,
 take an AdamW step on the vectors, and hot-swap the new vectors into the engine.
 
 Writes into ``output_dir``: ``config.yaml`` (resolved), ``steering_vectors.safetensors`` (the latest
-vectors, every step), ``checkpoints/step_N/`` (resumable), ``metrics.jsonl`` (one JSON line per step), and
-TensorBoard events under ``tensorboard/`` when TensorBoard is installed.
+vectors, every step), ``checkpoints/step_N/`` (resumable), ``metrics.jsonl`` (one JSON line per step),
+``summary.json`` (held-out accuracy before and after, the output's path), ``curves.png`` (reward and held-out
+accuracy against step, ``trainer.curves``), and TensorBoard events under ``tensorboard/`` when installed.
 
 Under ``torchrun --nproc-per-node K`` each rank runs its own engine on its share of the step's prompts and
 the learners' gradients are all-reduced (DDP); rank 0 writes the outputs.
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, load_config, save_config
+from trainer.curves import SUMMARY_FILE, plot_curves, read_summary
 from trainer.data import PromptBuilder, batch_indices, load_examples, stop_token_ids
 from trainer.objective import advantages, zero_variance_fraction
 from trainer.rewards import RewardPool
@@ -202,12 +204,15 @@ class Run:
 
     def train(self) -> dict:
         config = self.config
-        summary = {}
+        summary = read_summary(self.output_dir) if self.step > 0 else {}
+        summary["trainable_parameters"] = sum(p.numel() for p in self.trainable.parameters())
         if self.eval_examples and self.step == 0:
             summary["eval_accuracy_before"] = self.evaluate()
             self._say(f"held-out accuracy before training: {summary['eval_accuracy_before']:.3f}")
+            self._write_summary(summary)
         bar = tqdm(total=config.steps, initial=self.step, desc="rloo", unit="step", dynamic_ncols=True,
                    disable=self.rank != 0)  # fmt: skip
+        record = {}
         while self.step < config.steps:
             record = self.train_step()
             if self.eval_examples and config.eval_every and self.step % config.eval_every == 0:
@@ -218,11 +223,21 @@ class Run:
             bar.update(1)
         bar.close()
         if self.eval_examples:
-            summary["eval_accuracy_after"] = self.evaluate()
+            # the last step's periodic eval already scored these weights
+            after = record["eval_accuracy"] if "eval_accuracy" in record else self.evaluate()
+            summary["eval_accuracy_after"] = after
             self._say(f"held-out accuracy after training: {summary['eval_accuracy_after']:.3f}")
         summary["output"] = str(self.trainable.save(self.output_dir)) if self.rank == 0 else None
+        self._write_summary(summary)
+        if self.rank == 0 and (self.output_dir / "metrics.jsonl").is_file():
+            summary["curves"] = str(plot_curves({config.trainable: [self.output_dir]}, self.output_dir / "curves.png"))
+            self._write_summary(summary)
         self._say(f"trained {config.trainable}: {summary['output']}")
         return summary
+
+    def _write_summary(self, summary: dict) -> None:
+        if self.rank == 0:
+            (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
 
     def _write(self, record: dict) -> None:
         config = self.config

@@ -95,6 +95,10 @@ def test_a_run_trains_the_vectors_and_engine_and_learner_agree(uninterrupted):
     assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step_000006", "step_000008"]
     resolved = yaml.safe_load((uninterrupted / "config.yaml").read_text())
     assert resolved["steps"] == STEPS and resolved["temperature"] == 1.0
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["eval_accuracy_after"] == metrics[-1]["eval_accuracy"]  # the last step's eval, not redone
+    assert 0 <= summary["eval_accuracy_before"] <= 1
+    assert (uninterrupted / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_killed_run_resumes_to_the_same_vectors(config_for, uninterrupted):
@@ -112,6 +116,9 @@ def test_a_killed_run_resumes_to_the_same_vectors(config_for, uninterrupted):
     output = _finish(_trainer(config, "--resume"))
     assert "resumed from" in output
     assert [m["step"] for m in _metrics(output_dir)] == list(range(1, STEPS + 1))
+    # the accuracy before training, measured by the killed process, survives into the resumed run's summary
+    before = [json.loads((d / "summary.json").read_text())["eval_accuracy_before"] for d in (output_dir, uninterrupted)]
+    assert before[0] == before[1]
     resumed = SteeringVectors.load(output_dir / "steering_vectors.safetensors").to_tensor()
     straight = SteeringVectors.load(uninterrupted / "steering_vectors.safetensors").to_tensor()
     assert torch.allclose(resumed, straight, atol=1e-6, rtol=0), (resumed - straight).abs().max()
