@@ -32,7 +32,7 @@ from trainer.curves import plot_curves, read_metrics, read_summary
 
 CONFIG = "configs/toy.yaml"
 METHODS = ("steering", "full", "lora")
-LEARNING_RATES = {"steering": "0.05", "full": "1e-3", "lora": "1e-2"}
+LEARNING_RATES = {"steering": "0.1", "full": "1e-4", "lora": "3e-3"}  # the sweep's picks (README)
 NAMES = {"steering": "Steering", "full": "Full-Tune", "lora": "LoRA (r=1, down_proj)"}
 
 
@@ -70,21 +70,28 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table(rows: dict, base: list[float], seeds: list[int]) -> str:
+def table(rows: dict, base: list[float], base_reward: list[float], seeds: list[int]) -> str:
     base_mean, base_std = _mean_std(base)
     full_gain = statistics.fmean(rows["full"]["after"]) - base_mean if "full" in rows else None
-    lines = [f"Held-out accuracy (%, greedy, all {rows[next(iter(rows))]['problems']} problems), "
-             f"mean ± std over seeds {', '.join(map(str, seeds))}", "",
-             "| Method | Trainable params | lr | Accuracy | Gain over Base | Share of Full-Tune's gain |",
-             "|---|---:|---:|---:|---:|---:|",
-             f"| Base | 0 | | {100 * base_mean:.1f} ± {100 * base_std:.1f} | | |"]  # fmt: skip
+    problems = rows[next(iter(rows))]["problems"]
+    lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))}; held-out: all {problems} problems, greedy; "
+             "sampled reward: training prompts at T=1 (Base: step 1, before any update; methods: last 10 steps)", "",
+             "| Method | Trainable params | lr | Held-out accuracy (%) | Gain over Base | Share of Full-Tune's gain "
+             "| Sampled reward |",
+             "|---|---:|---:|---:|---:|---:|---:|",
+             f"| Base | 0 | | {100 * base_mean:.1f} ± {100 * base_std:.1f} | | | {_pm(base_reward)} |"]  # fmt: skip
     for method, row in rows.items():
         mean, std = _mean_std(row["after"])
         gain = mean - base_mean
         share = f"{100 * gain / full_gain:.0f}%" if full_gain else ""
         lines.append(f"| {NAMES[method]} | {row['parameters']:,} | {row['lr']} | {100 * mean:.1f} ± {100 * std:.1f} "
-                     f"| {100 * gain:+.1f} | {share} |")  # fmt: skip
+                     f"| {100 * gain:+.1f} | {share} | {_pm(row['reward'])} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _pm(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.3f} ± {std:.3f}"
 
 
 def _parse_lrs(items: list[str]) -> dict[str, list[str]]:
@@ -134,25 +141,28 @@ def main() -> None:
         chosen[method] = max(rewards, key=rewards.get)
         tqdm.write(f"{method}: mean training reward of the last 10 steps by lr {rewards}: chose {chosen[method]}")
 
-    rows, base, groups = {}, [], {}
+    rows, base, base_reward, groups = {}, [], [], {}
     for method in methods:
         lr = chosen[method]
         summaries = [read_summary(run_dir(args.output, method, lr, seed)) if method in swept and seed == seeds[0]
                      else run(method, lr, seed) for seed in seeds]  # fmt: skip
         directories = [run_dir(args.output, method, lr, seed) for seed in seeds]
         base += [s["eval_accuracy_before"] for s in summaries]
+        base_reward += [read_metrics(d)[0]["reward_mean"] for d in directories]
         rows[method] = {"lr": lr, "parameters": summaries[0]["trainable_parameters"],
                         "problems": _held_out_size(directories[0]),
                         "after": [s["eval_accuracy_after"] for s in summaries],
+                        "reward": [final_reward(d) for d in directories],
                         "wall_s": [s.get("wall_s") for s in summaries]}  # fmt: skip
         groups[NAMES[method]] = directories
     bar.close()
 
-    text = table(rows, base, seeds)
+    text = table(rows, base, base_reward, seeds)
     print(text)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.md").write_text(text + "\n")
-    (args.output / "results.json").write_text(json.dumps({"seeds": seeds, "base": base, "methods": rows}, indent=1))
+    results = {"seeds": seeds, "base": base, "base_reward": base_reward, "methods": rows}
+    (args.output / "results.json").write_text(json.dumps(results, indent=1))
     plot_curves(groups, args.output / "curves.png", title=f"Toy model, mean over seeds {seeds} (band: min-max)")
     print(f"\nwritten: {args.output / 'results.md'}, {args.output / 'curves.png'}", file=sys.stderr)
 
