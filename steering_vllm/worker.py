@@ -5,6 +5,9 @@ reaches each tensor- and pipeline-parallel rank. Vectors travel as safetensors b
 does not carry tensors faithfully (DESIGN.md §5).
 """
 
+import contextlib
+import logging
+
 from steering_vllm.vectors import SteeringVectors
 
 EXTENSION = "steering_vllm.worker.SteeringWorkerExtension"
@@ -36,9 +39,25 @@ class SteeringWorkerExtension:
         from safetensors.torch import load
 
         tensors = load(payload)
-        self.reload_weights(weights_iterator=iter(tensors.items()))
-        _reprocess_tied_lm_head(self.model_runner.get_model())
+        with _quiet_partial_reload():
+            self.reload_weights(weights_iterator=iter(tensors.items()))
+        if any(name.endswith("embed_tokens.weight") for name in tensors):
+            _reprocess_tied_lm_head(self.model_runner.get_model())
         return len(tensors)
+
+
+@contextlib.contextmanager
+def _quiet_partial_reload():
+    """A payload may carry only some layers (``FullTrainable.sync`` sends buckets): the others keep their weights,
+    which vLLM's layerwise reload logs as a warning per layer ("Failed to load weights"). Drop those lines."""
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    drop = logging.Filter()
+    drop.filter = lambda record: "Failed to load weights" not in record.getMessage()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _reprocess_tied_lm_head(model) -> None:

@@ -21,6 +21,7 @@ from trainer.learner import SteeredLearner
 MODEL_DIR = "model"
 ADAPTER_DIR = "lora_adapter"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
+SYNC_BUCKET_BYTES = 512 * 2**20
 
 
 class FullTrainable:
@@ -38,6 +39,7 @@ class FullTrainable:
         model.requires_grad_(True)  # after SteeredLearner, which freezes the model
         self.model = model
         self._base = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+        self.sync_bucket_bytes = SYNC_BUCKET_BYTES
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -46,19 +48,25 @@ class FullTrainable:
         return {}
 
     def sync(self, engine) -> None:
-        """Reload every weight into the running engine (vLLM's layerwise reload), then reset its prefix cache.
+        """Reload every weight into the running engine in place (vLLM's layerwise reload), then reset its prefix
+        cache.
 
-        Tied embeddings: ``named_parameters`` names the shared tensor once (``model.embed_tokens.weight``); vLLM
-        skips ``lm_head.weight`` then anyway, and the worker repacks its tied ``lm_head`` (steering_vllm.worker).
+        The weights travel in buckets of whole decoder layers (``sync_bucket_bytes`` each, at the engine's
+        dtype): each RPC's payload is copied a few times on its way into the worker, so one payload of the whole
+        model would need several times the model's size in host memory (at 1.5B parameters, more than a 24 GiB
+        machine has). A bucket holds whole layers because vLLM fuses a layer's q/k/v and gate/up projections;
+        layers a bucket does not carry keep their weights. Tied embeddings: ``named_parameters`` names the
+        shared tensor once (``model.embed_tokens.weight``); the worker repacks its tied ``lm_head``.
         """
         from safetensors.torch import save
 
         llm = getattr(engine, "llm", engine)  # a RolloutEngine or a vllm.LLM
         dtype = llm.llm_engine.vllm_config.model_config.dtype
-        tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in self.model.named_parameters()}
-        counts = llm.collective_rpc("load_weights_bytes", args=(save(tensors),))
-        if any(count != len(tensors) for count in counts):
-            raise RuntimeError(f"full sync: workers loaded {counts} tensors, expected {len(tensors)}")
+        for bucket in layer_buckets(self.model.named_parameters(), self.sync_bucket_bytes, dtype):
+            tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in bucket}
+            counts = llm.collective_rpc("load_weights_bytes", args=(save(tensors),))
+            if any(count != len(tensors) for count in counts):
+                raise RuntimeError(f"full sync: workers loaded {counts} tensors, expected {len(tensors)}")
         if not llm.reset_prefix_cache():
             raise RuntimeError("full sync: the prefix cache could not be reset (requests still running?)")
 
@@ -195,6 +203,28 @@ class LoraTrainable:
         previous, self._request = self._request, LoRARequest(f"trainable-lora-{lora_id}", lora_id, str(directory))
         if previous is not None:  # superseded: vLLM read it already, or never will
             shutil.rmtree(previous.lora_path, ignore_errors=True)
+
+
+def layer_buckets(named_parameters, limit_bytes: int, dtype: torch.dtype) -> list[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of parameters, one group per decoder layer (``model.layers.N.*``) and one per other
+    module, packed into buckets of at most ``limit_bytes`` at ``dtype`` (a group larger than that alone)."""
+    groups: dict[str, list] = {}
+    for name, p in named_parameters:
+        parts = name.split(".")
+        key = ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else ".".join(parts[:-1])
+        groups.setdefault(key, []).append((name, p))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    buckets, current, size = [], [], 0
+    for group in groups.values():
+        group_size = sum(p.numel() for _, p in group) * itemsize
+        if current and size + group_size > limit_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current += group
+        size += group_size
+    if current:
+        buckets.append(current)
+    return buckets
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import torch
 from engine_utils import greedy, max_abs_diff, random_prompts, shutdown, start_engine, teacher_forced
 from tiny_models import VOCAB_SIZE
 
-from trainer.baselines import FullTrainable, LoraTrainable
+from trainer.baselines import FullTrainable, LoraTrainable, layer_buckets
 
 KINDS = ("full", "lora")
 RANK, ALPHA = 4, 8
@@ -210,6 +210,26 @@ def test_lora_requests_are_new_per_sync_and_old_adapters_removed(tiny_model_dirs
     assert not os.path.exists(first.lora_path)
 
 
+def test_sync_buckets_hold_whole_layers_in_order(tiny_model_dirs):
+    model = _model(tiny_model_dirs["qwen2"])
+    names = [name for name, _ in model.named_parameters()]
+    one_each = layer_buckets(model.named_parameters(), 1, torch.bfloat16)
+
+    def owners(bucket):
+        return {n.split(".")[2] if n.startswith("model.layers.") else n.rsplit(".", 1)[0] for n, _ in bucket}
+
+    assert all(len(owners(b)) == 1 for b in one_each)  # a bucket never splits a layer, nor mixes two at size 1
+    assert [n for b in one_each for n, _ in b] == names  # every parameter once, in order
+    layers = model.config.num_hidden_layers
+    assert len(one_each) == layers + 3  # embeddings, each layer, final norm, lm_head
+    everything = layer_buckets(model.named_parameters(), 2**40, torch.bfloat16)
+    assert len(everything) == 1 and [n for n, _ in everything[0]] == names
+    limit = 2 * sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers.0.")) * 2
+    packed = layer_buckets(model.named_parameters(), limit, torch.bfloat16)
+    assert len(everything) < len(packed) < len(one_each)
+    assert all(sum(p.numel() for _, p in b) * 2 <= limit for b in packed if len(owners(b)) > 1)
+
+
 # --- engine side: vLLM serves the learner's weights after sync ------------------------------------------------
 
 
@@ -225,10 +245,12 @@ def _tied_copy(model_dir, directory):
     return directory
 
 
-def _run_engine(model_dir, kind, prompts):
+def _run_engine(model_dir, kind, prompts, bucket_bytes=None):
     """Generate, train the learner, sync, generate again; the HF model's own view of both generations."""
     model = _model(model_dir)
     trainable = _trainable(kind, model)
+    if bucket_bytes is not None:
+        trainable.sync_bucket_bytes = bucket_bytes
     llm = start_engine(model_dir, enforce_eager=True, **trainable.engine_kwargs())
     try:
         runs = {"base": greedy(llm, prompts, MAX_TOKENS)}  # fills the prefix cache with the base model's blocks
@@ -255,7 +277,8 @@ def engine_runs(request, tiny_model_dirs, prompts, tmp_path_factory):
     model_dir = tiny_model_dirs["qwen2"]
     if tied:
         model_dir = _tied_copy(model_dir, tmp_path_factory.mktemp("tied"))
-    return _run_engine(model_dir, kind, prompts)
+    # untied: one decoder layer per RPC (the engine must keep the layers a payload does not carry); tied: one RPC
+    return _run_engine(model_dir, kind, prompts, bucket_bytes=None if tied else 1)
 
 
 @pytest.mark.engine
