@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -330,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # SIGTERM (a scheduler's preemption, `kill`) unwinds like Ctrl-C, so close() shuts the engine's processes
+    # down; without this they outlive the trainer. Resume from the last checkpoint with --resume.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     run = Run(config)
     try:
         run.train()

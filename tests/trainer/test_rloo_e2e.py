@@ -60,9 +60,11 @@ def config_for(tiny_model_dirs, tmp_path_factory):
 
 
 def _trainer(config: Path, *extra: str) -> subprocess.Popen:
+    """The trainer in its own process group, so a kill can take its engine processes with it."""
     env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "trainer.rloo", "--config", str(config), *extra]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
 
 
 def _finish(process: subprocess.Popen) -> str:
@@ -109,7 +111,9 @@ def test_a_killed_run_resumes_to_the_same_vectors(config_for, uninterrupted):
     while not (output_dir / "metrics.jsonl").exists() or len(_metrics(output_dir)) < 3:
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    # the whole group, as a crash or a preempted job would: a SIGKILL to the trainer alone leaves vLLM's engine
+    # core running as an orphan (it holds the model for the rest of the session)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     killed_at = len(_metrics(output_dir))
     assert killed_at < STEPS
