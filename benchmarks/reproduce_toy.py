@@ -120,8 +120,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     lrs = _parse_lrs(args.lr)
     extra = [a for a in args.extra if a != "--"]
-    if not os.environ.get("CUDA_VISIBLE_DEVICES") and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"  # harmless on GPU builds; required by vllm-cpu
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # required by vllm-cpu, ignored by GPU builds
 
     swept = [m for m in methods if len(lrs[m]) > 1]
     bar = tqdm(total=sum(len(lrs[m]) for m in swept) + len(methods) * len(seeds) - len(swept), desc="runs", unit="run")
