@@ -33,13 +33,14 @@ class FullTrainable:
     dtype as safetensors bytes (plus what the RPC transport and the worker's deserialization hold).
     """
 
-    def __init__(self, model, gradient_checkpointing: bool):
+    def __init__(self, model, gradient_checkpointing: bool, tokenizer=None):
         self.learner = SteeredLearner(model, None, gradient_checkpointing)
         self.learner.steering.requires_grad_(False)
         model.requires_grad_(True)  # after SteeredLearner, which freezes the model
         self.model = model
         self._base = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
         self.sync_bucket_bytes = SYNC_BUCKET_BYTES
+        self.tokenizer = tokenizer
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -81,7 +82,15 @@ class FullTrainable:
             return self.learner.token_logprobs(input_ids, attention_mask, temperature)
 
     def save(self, output_dir: Path) -> Path:
-        return _atomic_dir(Path(output_dir) / MODEL_DIR, self.model.save_pretrained)
+        """The whole model in HF format, with the tokenizer when one was given, so that ``vllm serve`` and
+        ``trainer.eval`` can load the directory as it is."""
+
+        def write(directory: Path) -> None:
+            self.model.save_pretrained(directory)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(directory)
+
+        return _atomic_dir(Path(output_dir) / MODEL_DIR, write)
 
     def state_dict(self) -> dict:
         return {"model": {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()}}

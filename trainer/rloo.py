@@ -58,7 +58,7 @@ class Run:
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=learner_dtype).to(self.device).eval()
         torch.manual_seed(config.seed)  # LoRA's initial A: the same on every rank
-        self.trainable = build_trainable(config.trainable, model, config, config.model)
+        self.trainable = build_trainable(config.trainable, model, config, config.model, self.tokenizer)
         self.optimizer = torch.optim.AdamW(
             self.trainable.parameters(),
             lr=config.learning_rate,

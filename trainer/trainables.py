@@ -93,7 +93,7 @@ class SteeringTrainable:
             self.learner.steering.copy_(saved)
 
 
-def build_trainable(kind: str, model, config, model_name: str) -> Trainable:
+def build_trainable(kind: str, model, config, model_name: str, tokenizer=None) -> Trainable:
     num_layers = model.config.num_hidden_layers
     if kind == "steering":
         initial = SteeringVectors.load(config.init_vectors, num_layers).to_tensor() if config.init_vectors else None
@@ -101,7 +101,7 @@ def build_trainable(kind: str, model, config, model_name: str) -> Trainable:
     from trainer import baselines
 
     if kind == "full":
-        return baselines.FullTrainable(model, config.gradient_checkpointing)
+        return baselines.FullTrainable(model, config.gradient_checkpointing, tokenizer)
     if kind == "lora":
         return baselines.LoraTrainable(model, config.gradient_checkpointing, config.lora_rank, config.lora_alpha)
     raise ValueError(f"unknown trainable {kind!r}; expected 'steering', 'full' or 'lora'")

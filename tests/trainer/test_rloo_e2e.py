@@ -157,4 +157,6 @@ def test_the_baselines_train_through_the_same_trainer(config_for, trainable, out
     # the engine serves the learner's weights after each sync: full reloads them, LoRA loads a new adapter
     assert max(m["logprob_gap"] for m in metrics) < 1e-3
     assert (output_dir / output).is_dir() and (output_dir / "checkpoints" / "step_000002").is_dir()
+    if trainable == "full":  # a directory vLLM and trainer.eval load as it is
+        assert (output_dir / output / "config.json").is_file() and (output_dir / output / "tokenizer.json").is_file()
     assert not (output_dir / "steering_vectors.safetensors").exists()
