@@ -51,8 +51,10 @@ def _quiet_partial_reload():
     """A payload may carry only some layers (``FullTrainable.sync`` sends buckets): the others keep their weights,
     which vLLM's layerwise reload logs as a warning per layer ("Failed to load weights"). Drop those lines."""
     logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    drop = logging.Filter()
-    drop.filter = lambda record: "Failed to load weights" not in record.getMessage()
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "Failed to load weights" not in record.getMessage()
+
     logger.addFilter(drop)
     try:
         yield

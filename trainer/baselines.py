@@ -29,8 +29,9 @@ class FullTrainable:
 
     Memory, beyond the model, its gradients and the optimizer state: a frozen copy of the initial weights in host
     memory (for ``reference_logprobs`` and the update norm), copied onto the model's device for each reference
-    pass (one more transient copy of the weights there); and in ``sync`` one copy of the weights at the engine's
-    dtype as safetensors bytes (plus what the RPC transport and the worker's deserialization hold).
+    pass (one more transient copy of the weights there); and in ``sync`` one bucket of weights (at most
+    ``sync_bucket_bytes``, at the engine's dtype) as safetensors bytes, plus what the RPC transport and the
+    worker's deserialization hold of it.
     """
 
     def __init__(self, model, gradient_checkpointing: bool, tokenizer=None):
