@@ -8,7 +8,7 @@ run is scored on the whole held-out split (greedy, Math-Verify) before training 
 and at the end. The table gives mean ± std over seeds, each method's gain over Base, and the share of
 full fine-tuning's gain it recovers (the paper's claim: steering ~ full).
 
-  python -m benchmarks.reproduce_toy                      # 3 methods x 3 seeds, ~30 min on 2 CPU cores
+  python -m benchmarks.reproduce_toy                      # 3 methods x 3 seeds, ~22 min on 2 CPU cores
   python -m benchmarks.reproduce_toy --seeds 0 --methods steering,full
 
 Runs go to ``--output`` (default runs/reproduce/METHOD-lrLR-seedS); a finished run is not redone, so an
