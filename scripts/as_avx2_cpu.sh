@@ -8,10 +8,13 @@
 #
 # steering-vllm's op:  STEERING_VLLM_CPU_ISA=AVX2 loads kernels/_C_AVX2
 # torch's own kernels: ATEN_CPU_CAPABILITY=avx2;  MKL (BLAS): MKL_ENABLE_INSTRUCTIONS=AVX2;  oneDNN: ONEDNN_MAX_CPU_ISA=AVX2
+# torch.compile:       TORCHINDUCTOR_CPP_MARCH=x86-64-v3 (AVX2, FMA, F16C) in place of -march=native, whose AVX-512
+#                      macros next to the AVX2 code inductor picks give wrong results (half of each bf16 vector)
 # vLLM's ops:          it loads vllm/_C_AVX2 when torch.cpu says "no AVX-512", which avx2_only/sitecustomize.py
 #                      makes it say in every Python process the command starts
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export STEERING_VLLM_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+export TORCHINDUCTOR_CPP_MARCH=x86-64-v3
 export PYTHONPATH="$here/avx2_only${PYTHONPATH:+:$PYTHONPATH}"
 exec "$@"

@@ -1,4 +1,5 @@
-"""Tiny Qwen2 / Llama checkpoints built from configs (random weights, a BPE tokenizer trained here).
+"""Tiny Qwen2 / Llama checkpoints built from configs (random weights, norm weights and biases included; a BPE
+tokenizer trained here).
 
 head_dim is 64 because vLLM's CPU attention does not support smaller heads (DESIGN.md §5).
 """
@@ -70,5 +71,18 @@ def build_tiny_model(directory: Path, family: str, seed: int = 0) -> Path:
         raise ValueError(family)
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
+    randomise_norms_and_biases(model, seed)
     model.save_pretrained(directory)
     return directory
+
+
+def randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
+    """Norm weights away from 1 and non-zero biases: with the defaults (ones, zeros) a norm wired to the wrong
+    weight, or a bias dropped, gives the same numbers and passes every parity test."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # input_layernorm, post_attention_layernorm, model.norm
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):  # Qwen2's q/k/v projections
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))

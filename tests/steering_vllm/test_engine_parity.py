@@ -57,10 +57,14 @@ def run(request, tiny_model_dirs, tmp_path_factory):
     return dict(family=family, compiled=compiled, outputs=outputs, steered=steered, unsteered=unsteered, **info)
 
 
+# fp32 on both sides: measured at most 1.5e-6 (eager and compiled, both families, norm weights random)
+LOGPROB_TOLERANCE = 1.5e-5
+
+
 def test_greedy_tokens_and_logprobs_match_hf_with_hooks(run):
     for output, reference in zip(run["outputs"], run["steered"], strict=True):
         assert output["tokens"] == reference["argmax"]
-        assert max_abs_diff(output["logprobs"], reference["logprobs"]) < 1e-3
+        assert max_abs_diff(output["logprobs"], reference["logprobs"]) < LOGPROB_TOLERANCE
 
 
 def test_the_steered_class_served_the_engine(run):

@@ -27,39 +27,50 @@ def prompts():
     return random_prompts(3, 200, VOCAB_SIZE, seed=3)
 
 
+FAMILIES = ("qwen2", "llama")
+STOCK_CLASS = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+# fp32: measured at most 9.5e-7 between stock and unsteered, eager and compiled
+LOGPROB_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def stock(tiny_model_dirs, prompts):
-    # VLLM_PLUGINS names the general plugins to load; '' loads none, so this is vLLM's own Qwen2 class.
+def stock(tiny_model_dirs, prompts, family):
+    # VLLM_PLUGINS names the general plugins to load; '' loads none, so this is vLLM's own model class.
     return greedy_in_subprocess(
-        tiny_model_dirs["qwen2"], prompts, MAX_TOKENS, env={"VLLM_PLUGINS": ""}, enforce_eager=True
+        tiny_model_dirs[family], prompts, MAX_TOKENS, env={"VLLM_PLUGINS": ""}, enforce_eager=True
     )
 
 
 @pytest.fixture(scope="module")
-def steered_runs(tiny_model_dirs, prompts, tmp_path_factory):
+def steered_runs(tiny_model_dirs, prompts, tmp_path_factory, family):
     zeros = SteeringVectors.zeros(NUM_LAYERS, HIDDEN_SIZE).save(tmp_path_factory.mktemp("zeros") / "zeros.safetensors")
     runs = {}
     for name, kwargs in {
         "absent": dict(enforce_eager=True),
         "zeros-compiled": dict(enforce_eager=False, additional_config={"steering_vectors": str(zeros)}),
     }.items():
-        llm = start_engine(tiny_model_dirs["qwen2"], **kwargs)
+        llm = start_engine(tiny_model_dirs[family], **kwargs)
         runs[name] = {"class": model_class_name(llm), "outputs": greedy(llm, prompts, MAX_TOKENS)}
         shutdown(llm)
     return runs
 
 
-def test_stock_run_really_is_stock(stock):
-    assert stock["model_class"] == "Qwen2ForCausalLM"
+def test_stock_run_really_is_stock(stock, family):
+    assert stock["model_class"] == STOCK_CLASS[family]
 
 
-@pytest.mark.parametrize("name, tolerance", [("absent", 1e-5), ("zeros-compiled", 1e-4)])
-def test_no_steering_gives_stock_output(stock, steered_runs, name, tolerance):
+@pytest.mark.parametrize("name", ["absent", "zeros-compiled"])
+def test_no_steering_gives_stock_output(stock, steered_runs, family, name):
     run = steered_runs[name]
-    assert run["class"] == "SteeredQwen2ForCausalLM"
+    assert run["class"] == "Steered" + STOCK_CLASS[family]
     for ours, theirs in zip(run["outputs"], stock["outputs"], strict=True):
         assert ours["tokens"] == theirs["tokens"]
-        assert max_abs_diff(ours["logprobs"], theirs["logprobs"]) < tolerance
+        assert max_abs_diff(ours["logprobs"], theirs["logprobs"]) < LOGPROB_TOLERANCE
 
 
 def _bad_vectors(tmp_path, num_layers, hidden_size):
