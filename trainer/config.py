@@ -79,6 +79,7 @@ class TrainConfig:
     eval_prompts: int = 0  # 0: the whole eval split
     eval_temperature: float = 0.0
     resume: bool = False
+    vllm_log_level: Literal["debug", "info", "warning", "error"] | None = None  # None: $VLLM_LOGGING_LEVEL, else warning
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:
@@ -140,8 +141,8 @@ def _checked(key: str, value: Any, hint) -> Any:
     if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None:
             return None
-        (hint,) = [a for a in args if a is not type(None)]
-        origin = typing.get_origin(hint)
+        (inner,) = [a for a in args if a is not type(None)]
+        return _checked(key, value, inner)
     expected = origin or hint
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from trainer.config import SYSTEM_PROMPT
 from trainer.data import Example, load_examples
+from trainer.vllm_logging import LEVELS, set_vllm_log_level
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,8 @@ def parse_args(argv):
     parser.add_argument("--engine", help="extra vllm.LLM arguments as YAML, e.g. '{max_model_len: 8192}'")
     parser.add_argument("--output-dir", default="eval_results")
     parser.add_argument("--save-samples", action="store_true", help="keep every completion in results.json")
+    parser.add_argument("--vllm-log-level", choices=LEVELS,
+                        help="vLLM's log level (default: $VLLM_LOGGING_LEVEL, else warning)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.engines < 1 or (args.k is not None and args.k < 1):
         parser.error("--seeds, --engines and --k must be >= 1")
@@ -240,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.rewards import RewardPool
 
     args = parse_args(argv)
+    set_vllm_log_level(args.vllm_log_level)
     try:
         benchmarks = [resolve_benchmark(spec.strip(), args) for spec in args.benchmarks.split(",") if spec.strip()]
     except ValueError as e:

@@ -38,6 +38,7 @@ from trainer.rewards import RewardPool
 from trainer.rollout import RolloutEngine
 from trainer.trainables import build_trainable
 from trainer.update import LossOptions, learn
+from trainer.vllm_logging import set_vllm_log_level
 
 
 class Run:
@@ -174,6 +175,7 @@ class Run:
             "truncation_rate": float(truncated.mean()),
             "zero_variance_groups": zero_variance_fraction(rewards),
             "prompts_skipped_too_long": sum(part["skipped"] for part in parts),
+            "prompts_per_rank": [len(part["rewards"]) for part in parts],  # under torchrun: each rank's share
             "reward_status": dict(sorted(statuses.items())),
             "loss": learned["loss"],
             "grad_norm": learned["grad_norm"],
@@ -331,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    set_vllm_log_level(config.vllm_log_level)
     # SIGTERM (a scheduler's preemption, `kill`) unwinds like Ctrl-C, so close() shuts the engine's processes
     # down; without this they outlive the trainer. Resume from the last checkpoint with --resume.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -164,6 +164,28 @@ def test_backward_matches_reference(case, dtype, with_grad_residual):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_index_reads_the_rows_int64_reads(backend):
+    """Both index dtypes, forward (functional and in place) and backward, against the reference's rows."""
+    device, ops = BACKENDS[backend]
+    forward, forward_, backward = ops()
+    T, d, R = 13, 96, 4
+    hidden, residual, table, index, weight = make_inputs(T, d, R, torch.float32, device)
+    index32 = index.to(torch.int32)
+    y_ref, x_ref, _ = reference(*[t.cpu() for t in (hidden, residual, table, index, weight)])
+    y, x, rstd = forward(hidden, residual, table, index32, weight, EPS)
+    assert_close(x.cpu(), x_ref, FWD_ULPS * ULP[torch.float32], "residual_out with an int32 index")
+    assert_close(y.cpu(), y_ref, FWD_ULPS * ULP[torch.float32], "y with an int32 index")
+    h, r = hidden.clone(), residual.clone()
+    forward_(h, r, table, index32, weight, EPS)
+    assert torch.equal(h, y) and torch.equal(r, x)
+    grad_y = torch.randn_like(hidden)
+    grads32 = backward(grad_y, None, x, rstd, index32, weight, R, True, True)
+    grads64 = backward(grad_y, None, x, rstd, index, weight, R, True, True)
+    for a, b in zip(grads32, grads64, strict=True):
+        assert torch.equal(a, b), "the backward groups d_table by the same rows whatever the index dtype"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_computes_only_requested_grads(backend):
     device, ops = BACKENDS[backend]
     forward, _, backward = ops()

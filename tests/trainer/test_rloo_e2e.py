@@ -62,6 +62,7 @@ def config_for(tiny_model_dirs, tmp_path_factory):
 def _trainer(config: Path, *extra: str) -> subprocess.Popen:
     """The trainer in its own process group, so a kill can take its engine processes with it."""
     env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")])}
+    env.pop("VLLM_LOGGING_LEVEL", None)  # the trainer's own default
     command = [sys.executable, "-m", "trainer.rloo", "--config", str(config), *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
@@ -82,6 +83,7 @@ def uninterrupted(config_for):
     config = config_for("straight")
     output = _finish(_trainer(config))
     assert "held-out accuracy before training" in output and "held-out accuracy after training" in output
+    assert " INFO " not in output, "vLLM's INFO log drowns the run's own output; warnings only by default"
     return Path(yaml.safe_load(config.read_text())["output_dir"])
 
 
@@ -133,11 +135,14 @@ def test_torchrun_with_two_ranks_matches_the_single_process_run(config_for, unin
     config = config_for("ddp")
     output_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
     env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")])}
+    env.pop("VLLM_LOGGING_LEVEL", None)  # the trainer's own default
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     result = subprocess.run([*torchrun, "-m", "trainer.rloo", "--config", str(config)], env=env,
                             capture_output=True, text=True, timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     ddp, single = _metrics(output_dir), _metrics(uninterrupted)
+    # each rank generated and learned on its own half of every step's prompts, not all of them
+    assert all(m["prompts_per_rank"] == [2, 2] for m in ddp) and all(m["prompts_per_rank"] == [4] for m in single)
     assert [m["reward_mean"] for m in ddp] == pytest.approx([m["reward_mean"] for m in single], abs=1e-6)
     assert [m["response_length"] for m in ddp] == [m["response_length"] for m in single]
     vectors = SteeringVectors.load(output_dir / "steering_vectors.safetensors").to_tensor()
