@@ -172,8 +172,10 @@ def test_bad_scale_and_bad_json_are_refused(server):
 
 
 def _stream(server, model, prompt, results, index, started):
-    """One streaming completion; records the number of tokens and any error chunk."""
-    body = {"model": model, "prompt": prompt, "max_tokens": STREAMED_TOKENS, "temperature": 0, "ignore_eos": True}
+    """One streaming completion; records the number of tokens (the server's usage count: a busy server may
+    send several tokens in one chunk) and any error chunk."""
+    body = {"model": model, "prompt": prompt, "max_tokens": STREAMED_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
     tokens, errors = 0, []
     try:
         with requests.post(f"{server}/v1/completions", json={**body, "stream": True}, headers=AUTH, stream=True,
@@ -185,8 +187,9 @@ def _stream(server, model, prompt, results, index, started):
                 chunk = json.loads(line[len(b"data: ") :])
                 if "error" in chunk:
                     errors.append(chunk["error"])
-                else:
-                    tokens += 1
+                elif chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices"):
                     started[index].set()
     except requests.RequestException as e:
         status, errors = None, [repr(e)]

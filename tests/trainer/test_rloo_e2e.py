@@ -23,6 +23,8 @@ from steering_vllm import SteeringVectors
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 STEPS = 8
+# logprob_gap, fp32 engine and learner: measured 2.3-2.7e-7 (steering, full and LoRA; AVX-512 and AVX2)
+CANARY_TOLERANCE = 3e-6
 HELPERS = str(Path(__file__).resolve().parents[1] / "helpers")
 
 
@@ -94,7 +96,7 @@ def test_a_run_trains_the_vectors_and_engine_and_learner_agree(uninterrupted):
     vectors = SteeringVectors.load(uninterrupted / "steering_vectors.safetensors")
     assert min(vectors.norms()) > 0.05  # every layer's vector moved away from zero
     # the canary: the engine sampled with the vectors the learner scores with; fp32 on both sides
-    assert max(m["logprob_gap"] for m in metrics) < 1e-3
+    assert max(m["logprob_gap"] for m in metrics) < CANARY_TOLERANCE
     assert all(m["reward_status"] and m["time"].keys() == {"generate", "score", "learn", "sync"} for m in metrics)
     assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step_000006", "step_000008"]
     resolved = yaml.safe_load((uninterrupted / "config.yaml").read_text())
@@ -160,7 +162,7 @@ def test_the_baselines_train_through_the_same_trainer(config_for, trainable, out
     assert [m["step"] for m in metrics] == [1, 2]
     assert metrics[-1][moved] > 0
     # the engine serves the learner's weights after each sync: full reloads them, LoRA loads a new adapter
-    assert max(m["logprob_gap"] for m in metrics) < 1e-3
+    assert max(m["logprob_gap"] for m in metrics) < CANARY_TOLERANCE
     assert (output_dir / output).is_dir() and (output_dir / "checkpoints" / "step_000002").is_dir()
     if trainable == "full":  # a directory vLLM and trainer.eval load as it is
         assert (output_dir / output / "config.json").is_file() and (output_dir / output / "tokenizer.json").is_file()
