@@ -38,7 +38,7 @@ def _load_cpu_isa():
 cpu_isa = _load_cpu_isa()
 CAPABILITIES = cpu_isa.build_capabilities()
 with open(os.path.join(ROOT, "kernels", "_build_info.py"), "w") as f:
-    f.write(f'"""Written by setup.py: the ISAs kernels/_C_<ISA> was built for."""\n\nCPU_CAPABILITIES = {CAPABILITIES!r}\n')
+    f.write(f'"""Written by setup.py: the ISAs of kernels/_C_<ISA>."""\n\nCPU_CAPABILITIES = {CAPABILITIES!r}\n')
 
 
 def cpu_op(capability: str) -> CppExtension:

@@ -3,8 +3,6 @@
 import subprocess
 import sys
 
-import torch
-
 
 def test_transformers_does_not_take_our_kernels_for_hugging_face_kernels():
     """transformers probes for HF's `kernels` package by name; ours must read as absent."""

@@ -79,7 +79,7 @@ class TrainConfig:
     eval_prompts: int = 0  # 0: the whole eval split
     eval_temperature: float = 0.0
     resume: bool = False
-    vllm_log_level: Literal["debug", "info", "warning", "error"] | None = None  # None: $VLLM_LOGGING_LEVEL, else warning
+    vllm_log_level: Literal["debug", "info", "warning", "error"] | None = None  # None: $VLLM_LOGGING_LEVEL or warning
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:

@@ -100,7 +100,7 @@ def test_put_swaps_and_completions_follow_the_new_vectors(server, tiny_model_dir
     assert under_b["headers"]["x-steering-hash"] == B.content_hash()
     reference = hf_reference(model, B.to_tensor(), [prompt], [under_b])[0]
     assert under_b["tokens"] == reference["argmax"]
-    assert max_abs_diff(under_b["logprobs"], reference["logprobs"]) < 1e-3
+    assert max_abs_diff(under_b["logprobs"], reference["logprobs"]) < 1e-5  # measured <= 9.5e-7 (fp32)
     assert max_abs_diff(under_b["logprobs"], under_a["logprobs"][: len(under_b["logprobs"])]) > 0.05
 
 

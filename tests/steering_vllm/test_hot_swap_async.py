@@ -84,4 +84,4 @@ def test_swaps_landed_while_requests_streamed_and_none_failed(run):
 def test_after_the_swaps_requests_see_only_the_last_vectors(run):
     for output, reference in zip(run["after"], run["reference"], strict=True):
         assert output["tokens"] == reference["argmax"]
-        assert max_abs_diff(output["logprobs"], reference["logprobs"]) < 1e-3
+        assert max_abs_diff(output["logprobs"], reference["logprobs"]) < 1e-5  # measured <= 4.8e-7 (fp32)

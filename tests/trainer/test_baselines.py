@@ -286,7 +286,7 @@ def engine_runs(request, tiny_model_dirs, prompts, tmp_path_factory):
 def test_engine_starts_at_the_base_model(engine_runs):
     for ours, hf in zip(engine_runs["base"], engine_runs["base_hf"], strict=True):
         assert ours["tokens"] == hf["argmax"]
-        assert max_abs_diff(ours["logprobs"], hf["logprobs"]) < 1e-3
+        assert max_abs_diff(ours["logprobs"], hf["logprobs"]) < 3e-5  # measured <= 2.9e-6 (fp32; full and LoRA)
     for through_trainable, base in zip(engine_runs["first"], engine_runs["base"], strict=True):
         assert through_trainable["tokens"] == base["tokens"]
         assert max_abs_diff(through_trainable["logprobs"], base["logprobs"]) < 1e-4
@@ -297,7 +297,7 @@ def test_engine_starts_at_the_base_model(engine_runs):
 def test_engine_serves_the_trained_weights_after_sync(engine_runs):
     for ours, hf in zip(engine_runs["synced"], engine_runs["synced_hf"], strict=True):
         assert ours["tokens"] == hf["argmax"]
-        assert max_abs_diff(ours["logprobs"], hf["logprobs"]) < 1e-3
+        assert max_abs_diff(ours["logprobs"], hf["logprobs"]) < 3e-5  # measured <= 2.9e-6 (fp32; full and LoRA)
     # and training changed what it serves: the base model scores those tokens differently
     pairs = zip(engine_runs["synced_hf"], engine_runs["synced_base_hf"], strict=True)
     base_view = [max_abs_diff(hf["logprobs"], base["logprobs"]) for hf, base in pairs]
