@@ -1,0 +1,34 @@
+"""`trainer.eval --vectors` on the toy fixture with the vectors command 1 trained: it scores what the trainer's
+own held-out evaluation measured for them, far above the base model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from engine_utils import ENGINE_ENV
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL, TRAINED = ROOT / "fixtures" / "toy-model", ROOT / "fixtures" / "toy-steering"
+
+
+def test_eval_with_trained_vectors_scores_what_the_trainer_measured(tmp_path):
+    recorded = json.loads((TRAINED / "trained.json").read_text())
+    command = [sys.executable, "-m", "trainer.eval", "--model", str(MODEL),
+               "--vectors", str(TRAINED / "steering_vectors.safetensors"),
+               "--benchmarks", f"toy={MODEL / 'data' / 'test.jsonl'}", "--temperature", "0", "--max-new-tokens", "64",
+               "--limit", "200", "--output-dir", str(tmp_path),
+               "--engine", "{gpu_memory_utilization: 0.05, max_model_len: 512}"]  # fmt: skip
+    result = subprocess.run(command, env={**os.environ, **ENGINE_ENV}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (row,) = json.loads((tmp_path / "results.json").read_text())
+    assert row["label"] == "steering_vectors"
+    score, statuses = row["benchmarks"][0]["mean"], row["benchmarks"][0]["seeds"][0]["statuses"]
+    # the same engine mode as the trainer (compiled); another CPU's rounding may flip a rare near-tie
+    assert abs(score - recorded["eval_accuracy_after_first_200"]) <= 1.5, statuses
+    assert score - recorded["eval_accuracy_before_first_200"] > 50  # the vectors are what moved it
+    assert statuses.get("no_boxed", 0) < 10  # they teach the model to box its answers
