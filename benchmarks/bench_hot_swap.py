@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainer.vllm_logging import set_vllm_log_level
+
 SHAPES = {"qwen2.5-7b": (28, 3584), "qwen2.5-14b": (48, 5120)}
 
 
@@ -54,7 +56,7 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=2)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    set_vllm_log_level(None)  # warnings, unless $VLLM_LOGGING_LEVEL says otherwise
 
     import torch
     from vllm import LLM

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainer.vllm_logging import set_vllm_log_level
+
 SHAPES = {
     # Qwen2.5 configs (hidden, intermediate, layers, heads, kv heads, vocab)
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -76,7 +78,7 @@ def _use_naive_steering() -> None:
 def engine_process(kind: str, model_dir: str, vectors_path: str, engine_kwargs: dict, conn) -> None:
     # The engine runs inside this process (no engine-core subprocess), so the patch below reaches the model.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    set_vllm_log_level(None)  # warnings, unless $VLLM_LOGGING_LEVEL says otherwise
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model below sends a callable
     kind = kind.split("-")[0]  # stock-2 is a second stock engine

@@ -35,6 +35,8 @@ from types import SimpleNamespace
 
 import torch
 
+from trainer.vllm_logging import set_vllm_log_level
+
 TOY = Path(__file__).resolve().parents[1] / "fixtures" / "toy-model"
 # Qwen2.5 configs (hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings)
 SHAPES = {
@@ -246,7 +248,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/bench_training.json"))
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    set_vllm_log_level(None)  # warnings, unless $VLLM_LOGGING_LEVEL says otherwise
     real_batch = args.batch or ("8x1024" if torch.cuda.is_available() else "1x256")
     parse = lambda text: tuple(int(v) for v in text.lower().split("x"))  # noqa: E731
     shapes = args.shapes.split(",")

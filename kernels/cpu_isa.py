@@ -57,11 +57,11 @@ def supported(capability: str, flags: set[str] | None = None) -> bool:
     return _REQUIRED_CPU_FLAGS[capability] <= (cpu_flags() if flags is None else flags)
 
 
-def _parse(value: str, variable: str) -> list[str]:
+def _parse(value: str) -> list[str]:
     names = [v.strip().upper() for v in value.split(",") if v.strip()]
     unknown = [n for n in names if n not in CAPABILITIES]
     if unknown:
-        raise ValueError(f"{variable}={value!r}: {', '.join(unknown)} is not one of {', '.join(CAPABILITIES)}")
+        raise ValueError(f"{ISA_VARIABLE}={value!r}: {', '.join(unknown)} is not one of {', '.join(CAPABILITIES)}")
     return names
 
 
@@ -74,7 +74,7 @@ def build_capabilities() -> tuple[str, ...]:
     """
     forced = os.environ.get(ISA_VARIABLE, "")
     if forced.strip():
-        return tuple(c for c in CAPABILITIES if c in _parse(forced, ISA_VARIABLE))
+        return tuple(c for c in CAPABILITIES if c in _parse(forced))
     if platform.machine().lower() in ("x86_64", "amd64"):
         return CAPABILITIES
     return ("DEFAULT",)
@@ -87,7 +87,7 @@ def choose(built: tuple[str, ...], requested: str | None = None, flags: set[str]
     (loading it would kill the process with SIGILL before Python could say why).
     """
     if requested and requested.strip():
-        names = _parse(requested, ISA_VARIABLE)
+        names = _parse(requested)
         if len(names) != 1:
             raise ImportError(f"{ISA_VARIABLE}={requested!r}: name one ISA to load, one of {', '.join(built)}")
         name = names[0]

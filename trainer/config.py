@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from trainer.vllm_logging import Level
+
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -79,7 +81,7 @@ class TrainConfig:
     eval_prompts: int = 0  # 0: the whole eval split
     eval_temperature: float = 0.0
     resume: bool = False
-    vllm_log_level: Literal["debug", "info", "warning", "error"] | None = None  # None: $VLLM_LOGGING_LEVEL or warning
+    vllm_log_level: Level | None = None  # None: $VLLM_LOGGING_LEVEL, else warning
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:

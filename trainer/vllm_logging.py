@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Literal, get_args
 
-LEVELS = ("debug", "info", "warning", "error")
+Level = Literal["debug", "info", "warning", "error"]
+LEVELS: tuple[str, ...] = get_args(Level)
 DEFAULT = "warning"
 
 
