@@ -18,7 +18,7 @@ from vllm.model_executor.models.utils import PPMissingLayer
 
 from steering_vllm.config import steering_options
 from steering_vllm.norm import SteeredRMSNorm
-from steering_vllm.vectors import SteeringVectors
+from steering_vllm.vectors import SteeringVectors, table_hash
 
 logger = init_logger(__name__)
 
@@ -57,27 +57,56 @@ class SteeringMixin:
     def steering_norms(self) -> list[SteeredRMSNorm]:
         return [m for m in self.modules() if isinstance(m, SteeredRMSNorm)]
 
-    def set_steering(self, vectors: SteeringVectors, model_name: str | None = None) -> None:
-        """Copy ``vectors`` into this rank's steering buffers, in place (addresses never change)."""
+    def set_steering(self, vectors: SteeringVectors, model_name: str | None = None) -> str:
+        """Copy ``vectors`` into this rank's steering buffers, in place (addresses never change).
+
+        Returns the content hash of what the buffers hold afterwards (``active_steering_table``), so a copy
+        that went wrong is reported, not the hash of what was meant to be copied."""
         vectors.check_compatible(self.steering_num_layers, self.steering_hidden_size, model_name)
         table = vectors.to_tensor()
         with torch.no_grad():
             for norm in self.steering_norms():
                 norm.steering_table[0].copy_(table[norm.steered_layer])
         self._record_steering(vectors)
+        return table_hash(self.active_steering_table())
 
     def _record_steering(self, vectors: SteeringVectors) -> None:
         # Every rank receives the full vectors, so every rank can describe them (and all agree).
-        self._steering_status = {**vectors.summary(), "set_at": time.time()}
-        self._steering_history.append({k: self._steering_status[k] for k in ("content_hash", "source", "set_at")})
+        self._steering_received = vectors.to_tensor()
+        self._steering_status = {"source": vectors.source, "model": vectors.model, "set_at": time.time()}
+        self._steering_history.append(
+            {
+                "content_hash": vectors.content_hash(),
+                "source": vectors.source,
+                "set_at": self._steering_status["set_at"],
+            }
+        )
 
     def steering_status(self) -> dict:
-        """The active vectors' summary (hash, source, layers, norms), when they were set, and earlier swaps."""
-        return {**self._steering_status, "history": list(self._steering_history)}
+        """The active vectors' summary (hash, source, layers, norms), when they were set, and earlier swaps.
+
+        Hash, layers and norms are read from the buffers at each call, so they describe what is served."""
+        table = self.active_steering_table()
+        summary = {
+            "num_layers": self.steering_num_layers,
+            "hidden_size": self.steering_hidden_size,
+            "layers": [layer for layer, row in enumerate(table) if bool(row.any())],
+            "norms": [float(v) for v in table.norm(dim=1)],
+            "content_hash": table_hash(table),
+        }
+        return {**self._steering_status, **summary, "history": list(self._steering_history)}
 
     def get_steering(self) -> torch.Tensor:
         """[L, d] float32 copy of the vectors this rank holds (zero rows for layers held by other ranks)."""
         table = torch.zeros(self.steering_num_layers, self.steering_hidden_size)
+        for norm in self.steering_norms():
+            table[norm.steered_layer] = norm.steering_table[0].cpu()
+        return table
+
+    def active_steering_table(self) -> torch.Tensor:
+        """[L, d]: this rank's buffers for the layers it holds, the vectors it was last sent for the others
+        (held by other pipeline ranks). Equal on every rank, and to the sent vectors, unless a copy failed."""
+        table = self._steering_received.clone()
         for norm in self.steering_norms():
             table[norm.steered_layer] = norm.steering_table[0].cpu()
         return table

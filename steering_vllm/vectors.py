@@ -219,9 +219,7 @@ class SteeringVectors:
         Computed once (about 1 ms per MB): instances are not modified after construction.
         """
         if self._content_hash is None:
-            digest = hashlib.sha256(f"{self.num_layers}x{self.hidden_size}:".encode())
-            digest.update(self.to_tensor().numpy().tobytes())
-            self._content_hash = digest.hexdigest()
+            self._content_hash = table_hash(self.to_tensor())
         return self._content_hash
 
     def __repr__(self) -> str:
@@ -229,6 +227,13 @@ class SteeringVectors:
             f"SteeringVectors(num_layers={self.num_layers}, hidden_size={self.hidden_size}, "
             f"layers={sorted(self.vectors)}, source={self.source!r})"
         )
+
+
+def table_hash(table: torch.Tensor) -> str:
+    """``content_hash`` of a [num_layers, hidden_size] float32 table, whatever its values (NaN included)."""
+    digest = hashlib.sha256(f"{table.shape[0]}x{table.shape[1]}:".encode())
+    digest.update(table.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _as_float32(tensor: torch.Tensor, source: str, name: str) -> torch.Tensor:

@@ -15,10 +15,9 @@ EXTENSION = "steering_vllm.worker.SteeringWorkerExtension"
 
 class SteeringWorkerExtension:
     def steering_update(self, payload: bytes, source: str = "update_steering") -> str:
-        """Validate, then copy into this rank's buffers in place; returns the content hash."""
+        """Validate, then copy into this rank's buffers in place; returns the content hash read back from them."""
         vectors = SteeringVectors.from_bytes(payload, source=source)
-        self.model_runner.get_model().set_steering(vectors)
-        return vectors.content_hash()
+        return self.model_runner.get_model().set_steering(vectors)
 
     def steering_table(self) -> bytes:
         """This rank's vectors (zero rows for layers held by other pipeline ranks), as safetensors bytes."""

@@ -57,3 +57,20 @@ def test_ranks_hold_each_vector_exactly_once(rank_slice_class, boundaries):
             assert torch.equal(norm.steering_table[0], vectors.vectors[norm.steered_layer])
         held += layers
     assert sorted(held) == list(range(L))
+
+
+def test_every_rank_reports_the_hash_of_its_buffers_and_a_failed_copy_shows(rank_slice_class):
+    """The hash a rank answers (``steering_update``, ``GET /v1/steering``) is read back from its buffers."""
+    vectors = SteeringVectors.from_tensor(torch.randn(L, D))
+    ranks = [rank_slice_class(0, 3), rank_slice_class(3, 6)]
+    assert [rank.set_steering(vectors) for rank in ranks] == [vectors.content_hash()] * 2
+    assert [rank.steering_status()["content_hash"] for rank in ranks] == [vectors.content_hash()] * 2
+    with torch.no_grad():
+        ranks[1].steering_norms()[0].steering_table[0, 5] += 1.0  # a copy that did not land as sent
+    corrupted = vectors.to_tensor()
+    corrupted[ranks[1].steering_norms()[0].steered_layer, 5] += 1.0
+    status = ranks[1].steering_status()
+    assert status["content_hash"] == SteeringVectors.from_tensor(corrupted).content_hash() != vectors.content_hash()
+    assert status["norms"] == pytest.approx(corrupted.norm(dim=1).tolist())
+    assert ranks[0].steering_status()["content_hash"] == vectors.content_hash()
+    assert status["history"][-1]["content_hash"] == vectors.content_hash()  # what was sent, for the record
