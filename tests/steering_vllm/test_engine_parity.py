@@ -1,5 +1,6 @@
 """The steered vLLM model against an independent HF implementation (forward hooks), both families, eager and
-torch.compile, prompts spanning several KV-cache blocks (DESIGN.md §2 and §5)."""
+torch.compile, tensor parallel, prompts spanning several KV-cache blocks (DESIGN.md §2 and §5); and the same
+engine after a hot-swap (compiled graphs and every rank see the new vectors, the prefix cache is on)."""
 
 import os
 
@@ -8,7 +9,7 @@ import torch
 from engine_utils import greedy, hf_reference, max_abs_diff, model_class_name, random_prompts, shutdown, start_engine
 from tiny_models import HIDDEN_SIZE, NUM_LAYERS, VOCAB_SIZE
 
-from steering_vllm import SteeringVectors
+from steering_vllm import SteeringVectors, update_steering
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -22,6 +23,11 @@ CASES = {
     # two ranks, one core each (vLLM CPU binds one NUMA node per rank unless told otherwise)
     "llama-tp2-eager": ("llama", False, [0, 1, 2, 3], ".safetensors", 1.0, 2),
 }
+
+
+SWAPPED = SteeringVectors.from_tensor(
+    torch.randn(NUM_LAYERS, HIDDEN_SIZE, generator=torch.Generator().manual_seed(3)) * 0.3
+)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -45,16 +51,22 @@ def run(request, tiny_model_dirs, tmp_path_factory):
             tensor_parallel_size=tp,
         )
         outputs = greedy(llm, prompts, MAX_TOKENS)
+        config = llm.llm_engine.vllm_config
         info = {
             "class": model_class_name(llm),
-            "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
-            "compile_mode": llm.llm_engine.vllm_config.compilation_config.mode,
+            "block_size": config.cache_config.block_size,
+            "prefix_caching": config.cache_config.enable_prefix_caching,
+            "compile_mode": config.compilation_config.mode,
+            "swap_hash": update_steering(llm, SWAPPED),  # the same prompts again: their blocks are cached
+            "swapped_outputs": greedy(llm, prompts, MAX_TOKENS),
+            "rank_tables": [SteeringVectors.from_bytes(t).to_tensor() for t in llm.collective_rpc("steering_table")],
         }
         shutdown(llm)
     model_dir = tiny_model_dirs[family]
     steered = hf_reference(model_dir, vectors.to_tensor() * scale, prompts, outputs)
     unsteered = hf_reference(model_dir, None, prompts, outputs)
-    return dict(family=family, compiled=compiled, outputs=outputs, steered=steered, unsteered=unsteered, **info)
+    info["swapped_reference"] = hf_reference(model_dir, SWAPPED.to_tensor(), prompts, info["swapped_outputs"])
+    return dict(family=family, compiled=compiled, tp=tp, outputs=outputs, steered=steered, unsteered=unsteered, **info)
 
 
 # fp32 on both sides: measured at most 1.5e-6 (eager and compiled, both families, norm weights random)
@@ -81,3 +93,13 @@ def test_the_vectors_change_the_output(run):
     """Without this the parity above would prove nothing: the unsteered model must disagree."""
     diffs = [max_abs_diff(o["logprobs"], u["logprobs"]) for o, u in zip(run["outputs"], run["unsteered"], strict=True)]
     assert max(diffs) > 0.05
+
+
+def test_after_a_hot_swap_every_rank_and_compiled_graph_serves_the_new_vectors(run):
+    assert run["prefix_caching"], "the swap must be tested with vLLM's prefix cache on"
+    assert run["swap_hash"] == SWAPPED.content_hash()
+    assert len(run["rank_tables"]) == run["tp"]
+    assert all(torch.equal(table, SWAPPED.to_tensor()) for table in run["rank_tables"])
+    for output, reference in zip(run["swapped_outputs"], run["swapped_reference"], strict=True):
+        assert output["tokens"] == reference["argmax"]
+        assert max_abs_diff(output["logprobs"], reference["logprobs"]) < LOGPROB_TOLERANCE
