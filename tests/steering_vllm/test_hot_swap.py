@@ -1,4 +1,5 @@
-"""update_steering on a running vllm.LLM: in place, prefix cache consistent, a failed update changes nothing."""
+"""update_steering on a running vllm.LLM (compiled, vLLM's default; prefix cache on): in place, prefix cache
+consistent, a failed update changes nothing."""
 
 import pytest
 import torch
@@ -30,10 +31,10 @@ def prompts():
 def swaps(tiny_model_dirs, prompts, tmp_path_factory):
     directory = tmp_path_factory.mktemp("swap")
     a_path = A.save(directory / "a.safetensors")
-    llm = start_engine(
-        tiny_model_dirs["qwen2"], enforce_eager=True, additional_config={"steering_vectors": str(a_path)}
-    )
-    runs = {"block_size": llm.llm_engine.vllm_config.cache_config.block_size}
+    llm = start_engine(tiny_model_dirs["qwen2"], additional_config={"steering_vectors": str(a_path)})
+    config = llm.llm_engine.vllm_config
+    runs = {"block_size": config.cache_config.block_size, "compile_mode": config.compilation_config.mode}
+    runs["prefix_caching"] = config.cache_config.enable_prefix_caching
     runs["first"] = greedy(llm, prompts, MAX_TOKENS)  # fills the prefix cache under A
     # What a swap without the cache reset would serve: B's weights over A's cached prompt blocks.
     llm.collective_rpc("steering_update", args=(B.to_bytes(),))
@@ -50,7 +51,7 @@ def swaps(tiny_model_dirs, prompts, tmp_path_factory):
     update_steering(llm, a_path)  # from a file
     runs["back"] = greedy(llm, prompts, MAX_TOKENS)
     shutdown(llm)
-    fresh = start_engine(tiny_model_dirs["qwen2"], enforce_eager=True, additional_config={
+    fresh = start_engine(tiny_model_dirs["qwen2"], additional_config={
         "steering_vectors": str(B.save(directory / "b.safetensors"))
     })  # fmt: skip
     runs["fresh_b"] = greedy(fresh, prompts, MAX_TOKENS)
@@ -67,6 +68,7 @@ def _same(x, y, tolerance=1e-5):
 
 def test_after_a_swap_the_engine_serves_what_a_fresh_engine_with_the_new_vectors_serves(swaps):
     assert PROMPT_LENGTH >= 3 * swaps["block_size"]
+    assert swaps["prefix_caching"] and swaps["compile_mode"] != 0  # 0 = CompilationMode.NONE
     assert _same(swaps["swapped"], swaps["fresh_b"])
     assert not _same(swaps["first"], swaps["fresh_b"], tolerance=1e-2)  # the swap changed the output
 
