@@ -1,4 +1,5 @@
-"""update_steering_async on AsyncLLM (the engine behind `vllm serve`) while streaming requests run."""
+"""update_steering_async on AsyncLLM (the engine behind `vllm serve`, compiled) while streaming requests run:
+each request switches to the new vectors at the swap, mid-stream, with its context recomputed under them."""
 
 import asyncio
 
@@ -21,6 +22,8 @@ def _vectors(seed):
 
 
 A, B = _vectors(20), _vectors(21)
+SWAPS = (B, A, B)  # the vectors active are A, then each of these in turn
+TOLERANCE = 1e-5  # engine vs HF logprobs, fp32: measured <= 4.8e-7
 
 
 async def _generate(engine, prompt, max_tokens, request_id):
@@ -48,7 +51,6 @@ def run(tiny_model_dirs, tmp_path_factory):
         engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(
                 model=str(tiny_model_dirs["qwen2"]),
-                enforce_eager=True,
                 additional_config={"steering_vectors": str(a_path)},
                 **ENGINE_KWARGS,
             )
@@ -58,7 +60,7 @@ def run(tiny_model_dirs, tmp_path_factory):
             await asyncio.sleep(1.0)
             running_at_first_swap = sum(not c.done() for c in clients)
             hashes = []
-            for vectors in (B, A, B):
+            for vectors in SWAPS:
                 hashes.append(await update_steering_async(engine, vectors))
                 await asyncio.sleep(0.2)
             with pytest.raises(SteeringVectorsError, match="hidden_size 64 does not match"):
@@ -71,8 +73,32 @@ def run(tiny_model_dirs, tmp_path_factory):
         return dict(running_at_first_swap=running_at_first_swap, hashes=hashes, streamed=streamed, after=after)
 
     result = asyncio.run(scenario())
-    result["reference"] = hf_reference(tiny_model_dirs["qwen2"], B.to_tensor(), prompts, result["after"])
+    model_dir = tiny_model_dirs["qwen2"]
+    result["reference"] = hf_reference(model_dir, B.to_tensor(), prompts, result["after"])
+    # each streamed sequence teacher-forced under each set of vectors it may have been generated with
+    result["streamed_under"] = {
+        name: hf_reference(model_dir, vectors.to_tensor(), prompts, result["streamed"])
+        for name, vectors in (("A", A), ("B", B))
+    }
     return result
+
+
+def _segments(streamed: dict, under: dict) -> list[tuple[str, int]]:
+    """Which vectors produced each token: [(name, count), ...] walking A, B, A, B in order, or AssertionError.
+
+    A token was produced under a set when it is that set's greedy choice and its logprob is that set's, given
+    everything before it (prompt and earlier tokens) recomputed under the same set."""
+    order, segment, counts = ["A", "B", "A", "B"], 0, [0, 0, 0, 0]
+    for j, (token, logprob) in enumerate(zip(streamed["tokens"], streamed["logprobs"], strict=True)):
+        for candidate in range(segment, len(order)):
+            reference = under[order[candidate]]
+            if reference["argmax"][j] == token and abs(reference["logprobs"][j] - logprob) < TOLERANCE:
+                segment = candidate
+                break
+        else:
+            raise AssertionError(f"token {j} ({token}, logprob {logprob}) matches no set at or after {order[segment]}")
+        counts[segment] += 1
+    return [(name, count) for name, count in zip(order, counts, strict=True) if count]
 
 
 def test_swaps_landed_while_requests_streamed_and_none_failed(run):
@@ -81,7 +107,17 @@ def test_swaps_landed_while_requests_streamed_and_none_failed(run):
     assert run["hashes"] == [B.content_hash(), A.content_hash(), B.content_hash()]
 
 
+def test_a_request_spanning_a_swap_switches_vectors_at_the_swap_mid_stream(run):
+    """Its tokens before the swap are the old vectors' (teacher-forced HF reference), those after it the new
+    ones'. A swap that waited for running requests to finish would leave every stream under A: that fails."""
+    for index, streamed in enumerate(run["streamed"]):
+        under = {name: references[index] for name, references in run["streamed_under"].items()}
+        segments = _segments(streamed, under)
+        # measured: [(A, 1), (B, 31), (A, 37), (B, 91)] for each of the 4 streams (compiled, 2 cores)
+        assert segments[0][0] == "A" and len(segments) > 1, f"stream {index} never switched vectors: {segments}"
+
+
 def test_after_the_swaps_requests_see_only_the_last_vectors(run):
     for output, reference in zip(run["after"], run["reference"], strict=True):
         assert output["tokens"] == reference["argmax"]
-        assert max_abs_diff(output["logprobs"], reference["logprobs"]) < 1e-5  # measured <= 4.8e-7 (fp32)
+        assert max_abs_diff(output["logprobs"], reference["logprobs"]) < TOLERANCE
