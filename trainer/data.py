@@ -16,7 +16,8 @@ class Example:
 
 
 def load_examples(source: str, question_field: str, answer_field: str, split: str = "train") -> list[Example]:
-    """From a local .jsonl / .json / .parquet file, or a Hugging Face dataset name (``datasets`` and a network)."""
+    """From a local .jsonl / .json / .parquet file, or through ``datasets``: a Hugging Face dataset name (hub or
+    cache), a local folder of data files, or a folder written by ``save_to_disk``."""
     path = Path(source)
     if path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.is_file():
@@ -76,6 +77,14 @@ def _hub_rows(name: str, split: str) -> list[dict]:
             f"{name}: not a local .jsonl/.json/.parquet file, and loading a Hugging Face dataset needs `datasets` "
             "(pip install 'steering-vllm[data]')"
         ) from None
+    path = Path(name)
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # written by save_to_disk
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{name}: no split {split!r} (it has {sorted(loaded)})")
+            loaded = loaded[split]
+        return list(loaded)
     return list(datasets.load_dataset(name, split=split))
 
 

@@ -66,10 +66,16 @@ def policy_loss(
     if tis_cap is not None:
         per_token = per_token * (logprobs - engine_logprobs).exp().clamp(max=tis_cap).detach()
     if reference_logprobs is not None and kl_coef > 0:
-        log_ratio = reference_logprobs - logprobs
-        per_token = per_token + kl_coef * (log_ratio.exp() - log_ratio - 1)
+        per_token = per_token + kl_coef * kl_k3(logprobs, reference_logprobs)
     per_token = per_token * mask
     if denominator["kind"] == "sequence_mean":
         per_sequence = per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         return per_sequence.sum() / denominator["value"]
     return per_token.sum() / denominator["value"]
+
+
+def kl_k3(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(learner || reference) from the sampled tokens' logprobs: r - log r - 1 with
+    r = p_ref / p_learner (Schulman's k3: unbiased, never negative)."""
+    log_ratio = reference_logprobs - logprobs
+    return log_ratio.exp() - log_ratio - 1

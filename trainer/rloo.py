@@ -154,7 +154,8 @@ class Run:
             "lengths": [len(s.token_ids) for s in samples],
             "statuses": [s.status for s in scores],
             "skipped": len(prompts) - len(kept),
-            "gap": (learned["gap_sum"], learned["gap_tokens"]),
+            "token_sums": {k: learned[k] for k in ("gap_sum", "gap_tokens", "kl_sum", "clipped_tokens")},
+            "in_loss": keep.tolist(),
             "time": timer.seconds,
         }
         return self._record(_gather(local), learned)
@@ -164,7 +165,14 @@ class Run:
         truncated = torch.tensor([t for part in parts for t in part["truncated"]], dtype=torch.float32)
         lengths = torch.tensor([n for part in parts for n in part["lengths"]], dtype=torch.float32)
         statuses = Counter(s for part in parts for s in part["statuses"])
-        gap_sum, gap_tokens = (sum(part["gap"][k] for part in parts) for k in (0, 1))
+        sums = {key: sum(part["token_sums"][key] for part in parts) for key in parts[0]["token_sums"]}
+        tokens = max(sums["gap_tokens"], 1.0)
+        in_loss = [k for part in parts for k in part["in_loss"]]
+        objective = {}
+        if self.config.kl_coef > 0:
+            objective["kl"] = sums["kl_sum"] / tokens  # KL(learner || base) per completion token, k3 estimate
+        if self.config.importance_correction == "tis":
+            objective["importance_clipped"] = sums["clipped_tokens"] / tokens  # share of tokens over tis_cap
         slowest = {name: max(part["time"][name] for part in parts) for name in parts[0]["time"]}
         return {
             "step": self.step,
@@ -180,7 +188,9 @@ class Run:
             "loss": learned["loss"],
             "grad_norm": learned["grad_norm"],
             # the canary: engine and learner score the same tokens with the same weights; must stay near 0
-            "logprob_gap": gap_sum / max(gap_tokens, 1.0),
+            "logprob_gap": sums["gap_sum"] / tokens,
+            "samples_in_loss": sum(in_loss) / max(len(in_loss), 1),  # truncated: mask leaves truncated ones out
+            **objective,
             "learning_rate": self.scheduler.get_last_lr()[0],
             **self.trainable.metrics(),
             "time": slowest,
@@ -334,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     set_vllm_log_level(config.vllm_log_level)
-    # SIGTERM (a scheduler's preemption, `kill`) unwinds like Ctrl-C, so close() shuts the engine's processes
-    # down; without this they outlive the trainer. Resume from the last checkpoint with --resume.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM (a scheduler's preemption, `kill`) and Ctrl-C unwind with SystemExit, so close() shuts the engine's
+    # processes down; without this they outlive the trainer. Not KeyboardInterrupt: while the engine starts, vLLM
+    # 0.32 swallows it (vllm.utils.network_utils.zmq_socket_ctx) and then waits for an engine that Ctrl-C already
+    # killed, for up to 10 min (VLLM_ENGINE_READY_TIMEOUT_S). Resume from the last checkpoint with --resume.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))
     run = Run(config)
     try:
         run.train()

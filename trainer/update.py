@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trainer.objective import loss_denominators, policy_loss
+from trainer.objective import kl_k3, loss_denominators, policy_loss
 
 
 @dataclass
@@ -34,7 +34,7 @@ def learn(trainable, optimizer, scheduler, sequences, advantage, keep, options: 
     batches = [pad([sequences[i] for i in chunk], pad_id, device) for chunk in chunks]
     masks = [b["mask"] * keep[list(chunk)].to(device)[:, None] for b, chunk in zip(batches, chunks, strict=True)]
     denominator = _global(loss_denominators(masks, options.normalization, options.constant), masks, options, device)
-    loss_total, gap_sum, gap_tokens = 0.0, 0.0, 0.0
+    loss_total, gap_sum, gap_tokens, kl_sum, clipped = 0.0, 0.0, 0.0, 0.0, 0.0
     for batch, mask, chunk in zip(batches, masks, chunks, strict=True):
         ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch["positions"]
         logprobs = trainable.learner.token_logprobs(ids, attention, options.temperature).gather(1, positions)
@@ -45,16 +45,22 @@ def learn(trainable, optimizer, scheduler, sequences, advantage, keep, options: 
                            options.tis_cap, reference, options.kl_coef)  # fmt: skip
         loss.backward()
         loss_total += float(loss.detach())
-        gap_sum += float(((logprobs.detach() - batch["engine_logprobs"]).abs() * batch["mask"]).sum())
-        gap_tokens += float(batch["mask"].sum())
+        tokens, log_ratio = batch["mask"], logprobs.detach() - batch["engine_logprobs"]
+        gap_sum += float((log_ratio.abs() * tokens).sum())
+        gap_tokens += float(tokens.sum())
+        if reference is not None:
+            kl_sum += float((kl_k3(logprobs.detach(), reference) * tokens).sum())
+        if options.tis_cap is not None:
+            clipped += float(((log_ratio.exp() > options.tis_cap) * tokens).sum())
     parameters = trainable.parameters()
     _all_reduce_gradients(parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": _sum(loss_total, device), "grad_norm": float(grad_norm),
-            "gap_sum": gap_sum, "gap_tokens": gap_tokens}  # fmt: skip
+    # token sums over every completion token (masked-out ones included), summed over ranks by the caller
+    return {"loss": _sum(loss_total, device), "grad_norm": float(grad_norm), "gap_sum": gap_sum,
+            "gap_tokens": gap_tokens, "kl_sum": kl_sum, "clipped_tokens": clipped}  # fmt: skip
 
 
 def pad(sequences, pad_id: int, device) -> dict:

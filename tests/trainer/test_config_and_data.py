@@ -7,7 +7,7 @@ import yaml
 from tiny_models import build_tokenizer
 
 from trainer.config import SYSTEM_PROMPT, load_config, save_config
-from trainer.data import PromptBuilder, batch_indices, gold_answer, load_examples
+from trainer.data import Example, PromptBuilder, batch_indices, gold_answer, load_examples
 
 REQUIRED = ["--model", "m", "--output_dir", "o", "--train_data", "d.jsonl"]
 
@@ -67,6 +67,29 @@ def test_examples_from_jsonl_and_parquet(tmp_path):
         load_examples(str(tmp_path / "d.jsonl"), "problem", "a")
     with pytest.raises(FileNotFoundError, match="missing.jsonl: no such data file"):
         load_examples(str(tmp_path / "missing.jsonl"), "q", "a")
+
+
+def test_examples_through_the_datasets_library(tmp_path):
+    """The path a hub name takes after download: ``datasets`` reading a folder of data files, and a dataset
+    written by ``save_to_disk`` (a DatasetDict by split, or one Dataset)."""
+    import datasets
+
+    rows = {"train": [{"q": "1 + 1", "a": "2"}, {"q": "2 + 3", "a": "5"}], "test": [{"q": "4 * 4", "a": "16"}]}
+    files = tmp_path / "files"
+    files.mkdir()
+    for split, split_rows in rows.items():
+        (files / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+    expected = {split: [Example(r["q"], r["a"]) for r in split_rows] for split, split_rows in rows.items()}
+    assert load_examples(str(files), "q", "a", "test") == expected["test"]
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}).save_to_disk(str(saved))
+    assert load_examples(str(saved), "q", "a", "train") == expected["train"]
+    with pytest.raises(ValueError, match=r"no split 'validation' \(it has \['test', 'train'\]\)"):
+        load_examples(str(saved), "q", "a", "validation")
+    one = tmp_path / "one"
+    datasets.Dataset.from_list(rows["test"]).save_to_disk(str(one))
+    assert load_examples(str(one), "q", "a", "train") == expected["test"]
 
 
 def test_batches_are_a_pure_function_of_the_step_and_cover_each_epoch():

@@ -54,3 +54,29 @@ def test_wrong_shape_is_refused(tiny_model_dirs):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs["qwen2"]))
     with pytest.raises(ValueError, match=r"steering has shape \(4, 64\), the model needs \(4, 128\)"):
         SteeredLearner(model, torch.zeros(4, 64))
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.7])
+def test_logprobs_at_a_sampling_temperature_are_those_of_the_tempered_distribution(tiny_model_dirs, temperature):
+    """The engine's processed logprobs are log softmax(logits / T): the learner must score the same thing."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs["llama"]), dtype=torch.float64).eval()
+    config = model.config
+    table = torch.randn(config.num_hidden_layers, config.hidden_size, dtype=torch.float64) * 0.3
+    ids = torch.randint(1, config.vocab_size, (2, 16))
+    mask = torch.ones_like(ids)
+    handles = [
+        block.register_forward_hook(lambda module, args, out, v=table[layer]: out + v)
+        for layer, block in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    for handle in handles:
+        handle.remove()
+    reference = (logits / temperature).log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    learner = SteeredLearner(model, table.float())
+    learner.steering.data = table.clone()
+    with torch.no_grad():
+        ours = learner.token_logprobs(ids, mask, temperature)
+        plain = learner.token_logprobs(ids, mask)
+    assert torch.allclose(ours, reference, atol=1e-6, rtol=0)
+    assert (ours - plain).abs().max() > 0.05  # the temperature matters at these logits

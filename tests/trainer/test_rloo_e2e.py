@@ -107,6 +107,20 @@ def test_a_run_trains_the_vectors_and_engine_and_learner_agree(uninterrupted):
     assert (uninterrupted / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_run_writes_tensorboard_events_that_tensorboard_reads(uninterrupted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(uninterrupted / "tensorboard"))
+    board.Reload()
+    metrics = _metrics(uninterrupted)
+    for tag in ("reward_mean", "logprob_gap", "time/learn"):
+        events = board.Scalars(tag)
+        assert [e.step for e in events] == list(range(1, STEPS + 1)), tag
+    logged = [e.value for e in board.Scalars("reward_mean")]
+    assert logged == pytest.approx([m["reward_mean"] for m in metrics], rel=1e-6)  # float32 in the event file
+    assert [e.step for e in board.Scalars("eval_accuracy")] == [4, 8]
+
+
 def test_a_killed_run_resumes_to_the_same_vectors(config_for, uninterrupted):
     config = config_for("killed")
     output_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
@@ -167,3 +181,47 @@ def test_the_baselines_train_through_the_same_trainer(config_for, trainable, out
     if trainable == "full":  # a directory vLLM and trainer.eval load as it is
         assert (output_dir / output / "config.json").is_file() and (output_dir / output / "tokenizer.json").is_file()
     assert not (output_dir / "steering_vectors.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def init_vectors(tmp_path_factory):
+    g = torch.Generator().manual_seed(7)
+    vectors = SteeringVectors.from_tensor(torch.randn(4, 128, generator=g) * 0.3)
+    return vectors, vectors.save(tmp_path_factory.mktemp("init") / "init.safetensors")
+
+
+# The random tiny model almost never answers right (first_character), so with signed rewards and truncated
+# completions penalized every sample scores -1: no group has variance, and the only gradient left is the KL
+# penalty's. It also rarely samples its stop token: in one step of 16 completions of 16 tokens, all truncated.
+OPTIONS = ["--max_new_tokens", "16", "--temperature", "0.7", "--reward_fn", "shaped_rewards:first_character",
+           "--reward_mode", "signed", "--advantage", "group_mean", "--kl_coef", "1.0",
+           "--importance_correction", "tis", "--learning_rate", "0.01"]  # fmt: skip
+
+
+@pytest.mark.parametrize("truncated, steps", [("penalize", 2), ("mask", 1)])
+def test_the_objective_options_run_end_to_end(config_for, init_vectors, truncated, steps):
+    vectors, path = init_vectors
+    config = config_for(f"options-{truncated}")
+    output_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    extra = ["--steps", str(steps), "--init_vectors", str(path), "--truncated", truncated]
+    _finish(_trainer(config, *OPTIONS, *extra))
+    metrics = _metrics(output_dir)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    # signed rewards: +1 right, -1 anything else (binary would give 0)
+    assert all(m["reward_mean"] == pytest.approx(2 * m["accuracy"] - 1) for m in metrics)
+    # the engine started from the init vectors and samples at temperature 0.7 as the learner scores
+    assert max(m["logprob_gap"] for m in metrics) < CANARY_TOLERANCE
+    # the learner started from them too: its KL against the base model is not 0 at step 1
+    assert metrics[0]["kl"] > 1e-3
+    assert all(m["importance_clipped"] == 0.0 for m in metrics)  # fp32: engine and learner agree
+    trained = SteeringVectors.load(output_dir / "steering_vectors.safetensors").to_tensor()
+    if truncated == "mask":
+        assert metrics[0]["truncation_rate"] == 1.0, "the premise above no longer holds"
+        assert metrics[0]["samples_in_loss"] == 0.0 and metrics[0]["loss"] == 0.0
+        assert torch.equal(trained, vectors.to_tensor())  # nothing in the loss, nothing moved
+    else:
+        assert all(m["samples_in_loss"] == 1.0 and m["zero_variance_groups"] == 1.0 for m in metrics)
+        assert all(m["reward_mean"] == -1.0 for m in metrics)
+        # no advantage anywhere: the KL penalty's is the only gradient, and it moved the vectors
+        assert all(m["grad_norm"] > 0 for m in metrics)
+        assert (trained - vectors.to_tensor()).abs().max() > 1e-3
