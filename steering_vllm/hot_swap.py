@@ -54,7 +54,7 @@ def _checked(vllm_config, vectors) -> SteeringVectors:
     if extension != EXTENSION:
         raise SteeringVectorsError(
             f"{vectors.source}: this engine's workers lack the steering extension (worker_extension_cls is "
-            f"{extension!r}); the plugin sets it for Qwen2 / Llama models unless another extension was given"
+            f"{extension!r}); the plugin sets it for the steered families unless another extension was given"
         )
     return vectors
 

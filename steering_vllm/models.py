@@ -1,23 +1,26 @@
-"""Steered Qwen2 and Llama: vLLM's own classes with the norms after layers 0..L-1 swapped for SteeredRMSNorm.
+"""Steered vLLM models: vLLM's own classes with the norms after layers 0..L-1 swapped for SteeredRMSNorm.
 
-Registered under the built-in architecture names by ``steering_vllm.plugin``, so every Qwen2 / Qwen2.5 /
-Qwen2.5-Math / Llama-3.x checkpoint is served steered, with the base checkpoint unchanged.
+One mechanism for every family in ``steering_vllm.plugin.FAMILIES``: ``Steered<Class>`` (e.g.
+``SteeredQwen2ForCausalLM``) is vLLM's class with ``SteeringMixin`` mixed in, built on first use, and the
+norms to steer are found from the model's own modules. Registered under the built-in architecture names by
+``steering_vllm.plugin``, so those checkpoints are served steered, with the base checkpoint unchanged.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections import deque
 
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
-from vllm.model_executor.models.llama import LlamaForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.models.utils import PPMissingLayer
 
 from steering_vllm.config import steering_options
 from steering_vllm.norm import SteeredRMSNorm
+from steering_vllm.plugin import FAMILIES
 from steering_vllm.vectors import SteeringVectors, table_hash
 
 logger = init_logger(__name__)
@@ -35,13 +38,17 @@ class SteeringMixin:
 
     def _install_steering(self, vllm_config: VllmConfig) -> None:
         decoder = self.model
-        self.steering_num_layers = self.config.num_hidden_layers
-        self.steering_hidden_size = self.config.hidden_size
+        text_config = vllm_config.model_config.hf_text_config
+        self.steering_num_layers = text_config.num_hidden_layers
+        self.steering_hidden_size = text_config.hidden_size
         for idx in range(max(decoder.start_layer, 1), decoder.end_layer):
             layer = decoder.layers[idx]
-            layer.input_layernorm = SteeredRMSNorm.replacing(layer.input_layernorm, steered_layer=idx - 1)
-        if not isinstance(decoder.norm, PPMissingLayer):
-            decoder.norm = SteeredRMSNorm.replacing(decoder.norm, steered_layer=self.steering_num_layers - 1)
+            norm = _checked_norm(getattr(layer, "input_layernorm", None), f"model.layers.{idx}.input_layernorm")
+            layer.input_layernorm = SteeredRMSNorm.replacing(norm, steered_layer=idx - 1)
+        # Some families build the final norm on every pipeline rank; only the last rank runs it.
+        if decoder.end_layer == self.steering_num_layers and not isinstance(decoder.norm, PPMissingLayer):
+            norm = _checked_norm(decoder.norm, "model.norm")
+            decoder.norm = SteeredRMSNorm.replacing(norm, steered_layer=self.steering_num_layers - 1)
 
         self._steering_history: deque[dict] = deque(maxlen=HISTORY_LENGTH)
         self._record_steering(SteeringVectors.zeros(self.steering_num_layers, self.steering_hidden_size))
@@ -112,13 +119,38 @@ class SteeringMixin:
         return table
 
 
-class SteeredQwen2ForCausalLM(SteeringMixin, Qwen2ForCausalLM):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._install_steering(vllm_config)
+def _checked_norm(norm, name: str) -> RMSNorm:
+    """The steering mechanism's one assumption about a family: these norms are vLLM's ``RMSNorm``."""
+    if not isinstance(norm, RMSNorm):
+        raise NotImplementedError(
+            f"steering: {name} is {type(norm).__name__}, not vLLM's RMSNorm; this model's layers do not have the "
+            "shape the steering mechanism needs (DESIGN.md §2)"
+        )
+    return norm
 
 
-class SteeredLlamaForCausalLM(SteeringMixin, LlamaForCausalLM):
+def steered_class(base: type) -> type:
+    """``base`` (a vLLM model class) with the steering mixed in: same constructor, norms replaced after it."""
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
         self._install_steering(vllm_config)
+
+    name = f"Steered{base.__name__}"
+    return type(name, (SteeringMixin, base), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> type:
+    """``Steered<Class>`` for each vLLM class in ``FAMILIES``, built (and its vLLM module imported) on first use,
+    so that ``steering_vllm.models:SteeredQwen3ForCausalLM`` resolves as vLLM's registry expects."""
+    bases = {f"Steered{cls}": (module, cls) for module, cls in FAMILIES.values()}
+    if name not in bases:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _CLASSES:
+        module, cls = bases[name]
+        base = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), cls)
+        _CLASSES[name] = steered_class(base)
+    return _CLASSES[name]

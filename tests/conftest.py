@@ -33,8 +33,7 @@ sys.path.append(os.path.join(os.path.dirname(__file__), "helpers"))
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
-    """{'qwen2': path, 'llama': path}: tiny random checkpoints, built once per session."""
-    from tiny_models import build_tiny_model
+    """{'qwen2': path, 'llama': path, ...}: a tiny random checkpoint of each steered family, built once per session."""
+    from tiny_models import FAMILIES, build_tiny_model
 
-    families = ("qwen2", "llama")
-    return {family: build_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family) for family in families}
+    return {family: build_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family) for family in FAMILIES}

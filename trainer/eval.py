@@ -204,7 +204,7 @@ def save_row(output_dir: Path, row: dict) -> list[dict]:
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m trainer.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", required=True, help="HF name or directory (Qwen2 / Llama)")
+    parser.add_argument("--model", required=True, help="HF name or directory (Qwen2/3, Qwen3-MoE, Llama, Mistral)")
     parser.add_argument("--vectors", help="steering vectors (any readable format); default: none (the base model)")
     parser.add_argument("--label", help="the row's name in the table (default: the vectors' or model's name)")
     parser.add_argument("--benchmarks", default="math500", help=f"comma-separated: {','.join(BENCHMARKS)}, "

@@ -1,4 +1,5 @@
-"""The learner's forward: an HF transformers Qwen2 / Llama model, frozen, with the steering vectors trainable.
+"""The learner's forward: an HF transformers decoder (the families ``steering_vllm.plugin.FAMILIES`` names),
+frozen, with the steering vectors trainable.
 
 It runs the model's own submodules (embeddings, attention, MLP, norms, rotary) but carries ``(hidden,
 residual)`` across layers the way vLLM does, so that "residual add + steering vector + next RMSNorm" is one
@@ -13,8 +14,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from steering_vllm.plugin import FAMILIES
 
-SUPPORTED = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+SUPPORTED = tuple(FAMILIES)
+LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
 class SteeredLearner(nn.Module):
@@ -25,6 +28,10 @@ class SteeredLearner(nn.Module):
         architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
         if not set(architectures) & set(SUPPORTED):
             raise ValueError(f"learner: model is {architectures}; steering supports {list(SUPPORTED)}")
+        for index, layer in enumerate(model.model.layers):
+            missing = [part for part in LAYER_PARTS if not hasattr(layer, part)]
+            if missing:
+                raise ValueError(f"learner: model.layers.{index} ({type(layer).__name__}) has no {missing}")
         self.model = model.requires_grad_(False)
         config = model.config
         shape = (config.num_hidden_layers, config.hidden_size)
@@ -52,21 +59,13 @@ class SteeredLearner(nn.Module):
 
 
 def steered_hidden_states(model, steering, input_ids, attention_mask, gradient_checkpointing=False) -> torch.Tensor:
-    from transformers.masking_utils import create_causal_mask
-
     decoder = model.model
     embeds = decoder.embed_tokens(input_ids)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    mask = create_causal_mask(
-        config=decoder.config,
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        position_ids=position_ids,
-    )
+    masks = attention_masks(decoder.config, embeds, attention_mask, position_ids)
     rotary = decoder.rotary_emb(embeds, position_ids)
     hidden, residual = None, embeds
-    for index, layer in enumerate(decoder.layers):
+    for index, (layer, mask) in enumerate(zip(decoder.layers, masks, strict=True)):
         vector = steering[index - 1 : index] if index > 0 else None
         if gradient_checkpointing and torch.is_grad_enabled():
             hidden, residual = checkpoint(
@@ -76,6 +75,25 @@ def steered_hidden_states(model, steering, input_ids, attention_mask, gradient_c
             hidden, residual = _layer(layer, hidden, residual, vector, mask, rotary, position_ids)
     out, _ = steered_norm(hidden, residual, steering[-1:], decoder.norm)
     return out
+
+
+def attention_masks(config, embeds, attention_mask, position_ids) -> list:
+    """Each layer's attention mask, as the HF model builds them: causal, or causal within a sliding window for
+    the layers ``config.layer_types`` marks (or every layer, for Mistral's single ``sliding_window``)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    types = list(getattr(config, "layer_types", None) or [])
+    if not types:
+        sliding = getattr(config, "sliding_window", None) is not None
+        types = ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+    arguments = dict(config=config, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=None,
+                     position_ids=position_ids)  # fmt: skip
+    builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    unknown = set(types) - set(builders)
+    if unknown:
+        raise ValueError(f"learner: layer types {sorted(unknown)} are not supported (only {sorted(builders)})")
+    built = {kind: builders[kind](**arguments) for kind in set(types)}
+    return [built[kind] for kind in types]
 
 
 def _layer(layer, hidden, residual, vector, mask, rotary, position_ids):

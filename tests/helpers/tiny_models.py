@@ -1,5 +1,5 @@
-"""Tiny Qwen2 / Llama checkpoints built from configs (random weights, norm weights and biases included; a BPE
-tokenizer trained here).
+"""Tiny checkpoints of each steered family (Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral) built from configs
+(random weights, norm weights and biases included; a BPE tokenizer trained here).
 
 head_dim is 64 because vLLM's CPU attention does not support smaller heads (DESIGN.md §5).
 """
@@ -41,9 +41,21 @@ def build_tokenizer(directory: Path):
     return fast
 
 
+# family -> (HF config class, HF model class, config options beyond the common ones)
+FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    # vLLM's CPU MoE kernels need hidden and expert sizes that are multiples of 32
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "norm_topk_prob": True}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+}  # fmt: skip
+
+
 def build_tiny_model(directory: Path, family: str, seed: int = 0) -> Path:
-    """Write a random-weight checkpoint of ``family`` ('qwen2' or 'llama') and its tokenizer to ``directory``."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """Write a random-weight checkpoint of ``family`` (a key of ``FAMILIES``) and its tokenizer to ``directory``."""
+    import transformers
 
     directory = Path(directory)
     tokenizer = build_tokenizer(directory)
@@ -63,12 +75,11 @@ def build_tiny_model(directory: Path, family: str, seed: int = 0) -> Path:
         bos_token_id=tokenizer.eos_token_id,
         torch_dtype="float32",
     )
-    if family == "qwen2":
-        config, model_class = Qwen2Config(**common), Qwen2ForCausalLM
-    elif family == "llama":
-        config, model_class = LlamaConfig(**common), LlamaForCausalLM
-    else:
-        raise ValueError(family)
+    if family not in FAMILIES:
+        raise ValueError(f"{family}: not one of {sorted(FAMILIES)}")
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(**common, **extra)
+    model_class = getattr(transformers, model_name)
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
     randomise_norms_and_biases(model, seed)
@@ -82,7 +93,7 @@ def randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):  # input_layernorm, post_attention_layernorm, model.norm
+            if name.endswith("norm.weight"):  # input / post-attention norms, model.norm, Qwen3's q_norm / k_norm
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
             elif name.endswith(".bias"):  # Qwen2's q/k/v projections
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))

@@ -45,16 +45,16 @@ def test_help_lists_the_flags(parser):
 
 
 def test_vectors_for_an_unsupported_architecture_are_refused(tiny_model_dirs, tmp_path):
-    """Steering only exists in the Qwen2 / Llama classes; vectors for another model must not be ignored silently."""
+    """Steering exists only in the registered families; vectors for another model must not be ignored silently."""
     import shutil
 
     from vllm.engine.arg_utils import EngineArgs
 
-    model_dir = shutil.copytree(tiny_model_dirs["llama"], tmp_path / "mistral")
+    model_dir = shutil.copytree(tiny_model_dirs["llama"], tmp_path / "phi3")
     config = json.loads((model_dir / "config.json").read_text())
-    config["architectures"] = ["MistralForCausalLM"]
+    config["architectures"] = ["Phi3ForCausalLM"]
     (model_dir / "config.json").write_text(json.dumps(config))
     path = SteeringVectors.zeros(4, 128).save(tmp_path / "v.safetensors")
     args = EngineArgs(model=str(model_dir), max_model_len=256, additional_config={"steering_vectors": str(path)})
-    with pytest.raises(ValueError, match=r"v\.safetensors: model .*mistral is \['MistralForCausalLM'\]; steering supp"):
+    with pytest.raises(ValueError, match=r"v\.safetensors: model .*phi3 is \['Phi3ForCausalLM'\]; steering supp"):
         args.create_engine_config()

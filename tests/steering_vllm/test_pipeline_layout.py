@@ -22,30 +22,36 @@ def rank_slice_class():
     from steering_vllm.models import SteeringMixin
 
     class Block(nn.Module):
-        def __init__(self):
+        def __init__(self, norm_class):
             super().__init__()
-            self.input_layernorm = RMSNorm(D)
+            self.input_layernorm = norm_class(D)
 
     class RankSlice(SteeringMixin, nn.Module):
-        """What a pipeline rank of a Qwen2 / Llama model holds: layers [start, end), the final norm if last."""
+        """What a pipeline rank of a steered model holds: layers [start, end), the final norm if last (some
+        families, e.g. Qwen3-MoE, build it on every rank: ``final_norm_everywhere``)."""
 
-        def __init__(self, start: int, end: int):
+        def __init__(self, start: int, end: int, norm_class=RMSNorm, final_norm_everywhere=False):
             super().__init__()
-            self.config = SimpleNamespace(num_hidden_layers=L, hidden_size=D)
+            text_config = SimpleNamespace(num_hidden_layers=L, hidden_size=D)
+            engine_config = SimpleNamespace(model_config=SimpleNamespace(hf_text_config=text_config),
+                                            additional_config={})  # fmt: skip
             self.model = nn.Module()
             self.model.start_layer, self.model.end_layer = start, end
-            self.model.layers = nn.ModuleList(Block() if start <= i < end else PPMissingLayer() for i in range(L))
-            self.model.norm = RMSNorm(D) if end == L else PPMissingLayer()
-            self._install_steering(VllmConfig())
+            blocks = (Block(norm_class) if start <= i < end else PPMissingLayer() for i in range(L))
+            self.model.layers = nn.ModuleList(blocks)
+            self.model.norm = RMSNorm(D) if end == L or final_norm_everywhere else PPMissingLayer()
+            self._install_steering(engine_config)
 
     with set_current_vllm_config(VllmConfig()):
         yield RankSlice
 
 
+@pytest.mark.parametrize("final_norm_everywhere", [False, True])
 @pytest.mark.parametrize("boundaries", [(0, 6), (0, 3, 6), (0, 1, 4, 6), (0, 2, 3, 4, 6)])
-def test_ranks_hold_each_vector_exactly_once(rank_slice_class, boundaries):
+def test_ranks_hold_each_vector_exactly_once(rank_slice_class, boundaries, final_norm_everywhere):
     vectors = SteeringVectors.from_tensor(torch.randn(L, D))
-    ranks = [rank_slice_class(a, b) for a, b in zip(boundaries, boundaries[1:], strict=False)]
+    ranks = [rank_slice_class(a, b, final_norm_everywhere=final_norm_everywhere)
+             for a, b in zip(boundaries, boundaries[1:], strict=False)]  # fmt: skip
     held = []
     for rank in ranks:
         rank.set_steering(vectors)
@@ -74,3 +80,11 @@ def test_every_rank_reports_the_hash_of_its_buffers_and_a_failed_copy_shows(rank
     assert status["norms"] == pytest.approx(corrupted.norm(dim=1).tolist())
     assert ranks[0].steering_status()["content_hash"] == vectors.content_hash()
     assert status["history"][-1]["content_hash"] == vectors.content_hash()  # what was sent, for the record
+
+
+def test_a_layer_whose_norm_is_not_vllms_rmsnorm_is_refused_by_name(rank_slice_class):
+    """Gemma's norm multiplies by 1 + weight: steering it as a plain RMSNorm would serve wrong numbers."""
+    from vllm.model_executor.layers.layernorm import GemmaRMSNorm
+
+    with pytest.raises(NotImplementedError, match=r"model\.layers\.1\.input_layernorm is GemmaRMSNorm, not vLLM's"):
+        rank_slice_class(0, L, norm_class=GemmaRMSNorm)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from trainer.learner import SteeredLearner
@@ -21,10 +22,26 @@ def _hooked_logprobs(model, table, ids, mask):
     return logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_logprobs_and_gradient_match_the_hooked_hf_model(tiny_model_dirs, family, checkpointing):
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs[family]), dtype=torch.float64).eval()
+    # the MoE experts' default kernel (grouped_mm) has no float64: the eager loop over experts does
+    options = {"experts_implementation": "eager"} if family == "qwen3_moe" else {}
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs[family]), dtype=torch.float64, **options)
+    _check_against_hooks(model.eval(), checkpointing)
+
+
+def test_sliding_window_layers_get_their_own_mask(tiny_model_dirs):
+    """Mistral with a window shorter than the sequences (every layer), and Qwen3 with some layers sliding."""
+    alternating = ["full_attention", "sliding_attention"] * 2
+    for family, options in [("mistral", {"sliding_window": 6}),
+                            ("qwen3", {"sliding_window": 6, "layer_types": alternating})]:  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs[family]), dtype=torch.float64, **options)
+        assert "sliding_attention" in (getattr(model.config, "layer_types", None) or ["sliding_attention"])
+        _check_against_hooks(model.eval(), checkpointing=False)
+
+
+def _check_against_hooks(model, checkpointing):
     config = model.config
     table = torch.randn(config.num_hidden_layers, config.hidden_size, dtype=torch.float64) * 0.3
     ids = torch.randint(1, config.vocab_size, (3, 20))

@@ -198,12 +198,14 @@ OPTIONS = ["--max_new_tokens", "16", "--temperature", "0.7", "--reward_fn", "sha
            "--importance_correction", "tis", "--learning_rate", "0.01"]  # fmt: skip
 
 
-@pytest.mark.parametrize("truncated, steps", [("penalize", 2), ("mask", 1)])
-def test_the_objective_options_run_end_to_end(config_for, init_vectors, truncated, steps):
+# on two other families than the other runs' Qwen2: the engine and the learner must agree on each
+@pytest.mark.parametrize("truncated, steps, family", [("penalize", 2, "qwen3_moe"), ("mask", 1, "mistral")])
+def test_the_objective_options_run_end_to_end(config_for, tiny_model_dirs, init_vectors, truncated, steps, family):
     vectors, path = init_vectors
     config = config_for(f"options-{truncated}")
     output_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
     extra = ["--steps", str(steps), "--init_vectors", str(path), "--truncated", truncated]
+    extra += ["--model", str(tiny_model_dirs[family])]
     _finish(_trainer(config, *OPTIONS, *extra))
     metrics = _metrics(output_dir)
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
