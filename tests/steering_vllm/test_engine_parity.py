@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from engine_utils import greedy, hf_reference, max_abs_diff, model_class_name, random_prompts, shutdown, start_engine
-from tiny_models import HIDDEN_SIZE, NUM_LAYERS, VOCAB_SIZE
+from tiny_models import FAMILIES, HIDDEN_SIZE, NUM_LAYERS, VOCAB_SIZE
 
 from steering_vllm import SteeringVectors, update_steering
 
@@ -20,6 +20,9 @@ CASES = {
     "qwen2-eager": ("qwen2", False, [0, 1, 3], ".safetensors", 1.0, 1),
     "llama-eager": ("llama", False, [0, 2, 3], ".safetensors", 1.0, 1),
     "qwen2-compiled-gguf": ("qwen2", True, [1, 2, 3], ".gguf", 0.5, 1),  # GGUF has no slot for layer 0
+    "qwen3-eager": ("qwen3", False, [0, 1, 2, 3], ".safetensors", 1.0, 1),
+    "qwen3_moe-compiled": ("qwen3_moe", True, [0, 1, 3], ".safetensors", 1.0, 1),
+    "mistral-eager": ("mistral", False, [0, 1, 2, 3], ".safetensors", 1.0, 1),
     # two ranks, one core each (vLLM CPU binds one NUMA node per rank unless told otherwise)
     "llama-tp2-eager": ("llama", False, [0, 1, 2, 3], ".safetensors", 1.0, 2),
 }
@@ -69,7 +72,7 @@ def run(request, tiny_model_dirs, tmp_path_factory):
     return dict(family=family, compiled=compiled, tp=tp, outputs=outputs, steered=steered, unsteered=unsteered, **info)
 
 
-# fp32 on both sides: measured at most 1.5e-6 (eager and compiled, both families, norm weights random)
+# fp32 on both sides: measured at most 1.5e-6 (eager and compiled, every family, norm weights random)
 LOGPROB_TOLERANCE = 1.5e-5
 
 
@@ -80,8 +83,7 @@ def test_greedy_tokens_and_logprobs_match_hf_with_hooks(run):
 
 
 def test_the_steered_class_served_the_engine(run):
-    expected = {"qwen2": "SteeredQwen2ForCausalLM", "llama": "SteeredLlamaForCausalLM"}[run["family"]]
-    assert run["class"] == expected
+    assert run["class"] == "Steered" + FAMILIES[run["family"]][1]  # e.g. SteeredQwen3MoeForCausalLM
     assert (run["compile_mode"] != 0) == run["compiled"]  # 0 = CompilationMode.NONE
 
 
