@@ -110,7 +110,7 @@ def _directory(value: str) -> str:
 
 def check_vectors_against_model(vllm_config) -> None:
     """Raise SteeringVectorsError unless the configured vectors fit the model (architecture, layers, width)."""
-    from steering_vllm.plugin import ARCHITECTURES
+    from steering_vllm.families import ARCHITECTURES
 
     path, _ = steering_options(vllm_config.additional_config)
     if path is None:
@@ -135,7 +135,7 @@ def vectors_for_model(vectors: SteeringVectors | str | os.PathLike, model_config
 
 def is_steered(model_config) -> bool:
     """Whether the plugin serves this model with its steered class."""
-    from steering_vllm.plugin import ARCHITECTURES
+    from steering_vllm.families import ARCHITECTURES
 
     return bool(set(_architectures(model_config)) & set(ARCHITECTURES))
 

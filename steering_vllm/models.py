@@ -19,8 +19,8 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.models.utils import PPMissingLayer
 
 from steering_vllm.config import steering_options
+from steering_vllm.families import FAMILIES
 from steering_vllm.norm import SteeredRMSNorm
-from steering_vllm.plugin import FAMILIES
 from steering_vllm.vectors import SteeringVectors, table_hash
 
 logger = init_logger(__name__)

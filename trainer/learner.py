@@ -1,4 +1,4 @@
-"""The learner's forward: an HF transformers decoder (the families ``steering_vllm.plugin.FAMILIES`` names),
+"""The learner's forward: an HF transformers decoder (the families ``steering_vllm.families`` names),
 frozen, with the steering vectors trainable.
 
 It runs the model's own submodules (embeddings, attention, MLP, norms, rotary) but carries ``(hidden,
@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from steering_vllm.plugin import FAMILIES
+from steering_vllm.families import FAMILIES
 
 SUPPORTED = tuple(FAMILIES)
 LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
