@@ -1,6 +1,6 @@
 """Steered vLLM models: vLLM's own classes with the norms after layers 0..L-1 swapped for SteeredRMSNorm.
 
-One mechanism for every family in ``steering_vllm.plugin.FAMILIES``: ``Steered<Class>`` (e.g.
+One mechanism for every family in ``steering_vllm.families``: ``Steered<Class>`` (e.g.
 ``SteeredQwen2ForCausalLM``) is vLLM's class with ``SteeringMixin`` mixed in, built on first use, and the
 norms to steer are found from the model's own modules. Registered under the built-in architecture names by
 ``steering_vllm.plugin``, so those checkpoints are served steered, with the base checkpoint unchanged.
