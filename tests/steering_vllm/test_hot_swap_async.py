@@ -26,7 +26,7 @@ SWAPS = (B, A, B)  # the vectors active are A, then each of these in turn
 TOLERANCE = 1e-5  # engine vs HF logprobs, fp32: measured <= 4.8e-7
 
 
-async def _generate(engine, prompt, max_tokens, request_id):
+async def _generate(engine, prompt, max_tokens, request_id, streaming: asyncio.Event | None = None):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -34,6 +34,8 @@ async def _generate(engine, prompt, max_tokens, request_id):
     final = None
     async for output in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id=request_id):
         final = output
+        if streaming is not None:
+            streaming.set()  # its first tokens arrived
     completion = final.outputs[0]
     logprobs = [entry[t].logprob for t, entry in zip(completion.token_ids, completion.logprobs, strict=True)]
     return {"tokens": list(completion.token_ids), "logprobs": logprobs}
@@ -56,8 +58,11 @@ def run(tiny_model_dirs, tmp_path_factory):
             )
         )
         try:
-            clients = [asyncio.create_task(_generate(engine, p, LONG, f"long-{i}")) for i, p in enumerate(prompts)]
-            await asyncio.sleep(1.0)
+            streaming = [asyncio.Event() for _ in prompts]
+            clients = [asyncio.create_task(_generate(engine, p, LONG, f"long-{i}", streaming[i]))
+                       for i, p in enumerate(prompts)]  # fmt: skip
+            # every stream has tokens from A before the first swap (a busy machine may take seconds to prefill)
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in streaming)), 300)
             running_at_first_swap = sum(not c.done() for c in clients)
             hashes = []
             for vectors in SWAPS:
