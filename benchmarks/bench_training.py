@@ -53,7 +53,6 @@ SHAPES = {
 }
 KINDS = ("steering", "full", "lora")
 NAMES = {"steering": "Steering", "full": "Full-Tune", "lora": "LoRA"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MEMORY_SHARE = 0.8  # a full fine-tune's estimated bytes must stay under this share of the device's memory
 
 
@@ -101,11 +100,10 @@ def _sync_device(device: torch.device) -> None:
 
 
 def trainer_dtypes(kind: str, dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(learner, engine) dtypes as ``trainer.rloo`` picks them (its ``Run.__init__``): ``auto`` is bf16 on CUDA
-    and fp32 on CPU, and a full fine-tune's learner keeps fp32 master weights under ``auto``."""
-    engine = (torch.bfloat16 if device.type == "cuda" else torch.float32) if dtype == "auto" else DTYPES[dtype]
-    learner = torch.float32 if kind == "full" and dtype == "auto" else engine
-    return learner, engine
+    """(learner, engine) dtypes exactly as ``trainer.rloo`` picks them."""
+    from trainer.rloo import precision
+
+    return precision(kind, dtype, device)
 
 
 def full_tune_bytes(parameters: int, dtype: torch.dtype, device: torch.device) -> int:

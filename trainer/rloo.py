@@ -51,11 +51,7 @@ class Run:
         self.rank, self.world_size, self.device = _start_distributed()
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-                 "float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]  # fmt: skip
-        # Full fine-tuning keeps fp32 master weights (AdamW on bf16 weights loses small updates); the engine
-        # still runs `dtype`, and the sync casts.
-        learner_dtype = torch.float32 if config.trainable == "full" and config.dtype == "auto" else dtype
+        learner_dtype, dtype = precision(config.trainable, config.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=learner_dtype).to(self.device).eval()
         torch.manual_seed(config.seed)  # LoRA's initial A: the same on every rank
@@ -282,6 +278,16 @@ class Run:
             self.board.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def precision(trainable: str, dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(learner, engine) dtypes for the ``dtype`` option: ``auto`` is bf16 on CUDA and fp32 on CPU. Full
+    fine-tuning under ``auto`` keeps fp32 master weights (AdamW on bf16 weights loses small updates); the
+    engine still runs the option's dtype, and the sync casts."""
+    engine = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+              "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]  # fmt: skip
+    learner = torch.float32 if trainable == "full" and dtype == "auto" else engine
+    return learner, engine
 
 
 def _start_distributed() -> tuple[int, int, torch.device]:
