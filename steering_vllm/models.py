@@ -105,15 +105,15 @@ class SteeringMixin:
 
     def get_steering(self) -> torch.Tensor:
         """[L, d] float32 copy of the vectors this rank holds (zero rows for layers held by other ranks)."""
-        table = torch.zeros(self.steering_num_layers, self.steering_hidden_size)
-        for norm in self.steering_norms():
-            table[norm.steered_layer] = norm.steering_table[0].cpu()
-        return table
+        return self._with_buffers(torch.zeros(self.steering_num_layers, self.steering_hidden_size))
 
     def active_steering_table(self) -> torch.Tensor:
         """[L, d]: this rank's buffers for the layers it holds, the vectors it was last sent for the others
         (held by other pipeline ranks). Equal on every rank, and to the sent vectors, unless a copy failed."""
-        table = self._steering_received.clone()
+        return self._with_buffers(self._steering_received.clone())
+
+    def _with_buffers(self, table: torch.Tensor) -> torch.Tensor:
+        """``table`` with the rows of the layers this rank steers read from its buffers."""
         for norm in self.steering_norms():
             table[norm.steered_layer] = norm.steering_table[0].cpu()
         return table
