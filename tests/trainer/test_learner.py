@@ -8,8 +8,9 @@ from transformers import AutoModelForCausalLM
 from trainer.learner import SteeredLearner
 
 
-def _hooked_logprobs(model, table, ids, mask):
-    """The method's definition: s_l added to decoder layer l's output (forward hooks), plain HF forward."""
+def _hooked_logprobs(model, table, ids, mask, temperature=1.0):
+    """The method's definition: s_l added to decoder layer l's output (forward hooks), plain HF forward; the
+    logprobs of log softmax(logits / temperature)."""
     handles = [
         block.register_forward_hook(lambda module, args, out, v=table[layer]: out + v)
         for layer, block in enumerate(model.model.layers)
@@ -19,7 +20,7 @@ def _hooked_logprobs(model, table, ids, mask):
     finally:
         for handle in handles:
             handle.remove()
-    return logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return (logits / temperature).log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -81,15 +82,8 @@ def test_logprobs_at_a_sampling_temperature_are_those_of_the_tempered_distributi
     table = torch.randn(config.num_hidden_layers, config.hidden_size, dtype=torch.float64) * 0.3
     ids = torch.randint(1, config.vocab_size, (2, 16))
     mask = torch.ones_like(ids)
-    handles = [
-        block.register_forward_hook(lambda module, args, out, v=table[layer]: out + v)
-        for layer, block in enumerate(model.model.layers)
-    ]
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    for handle in handles:
-        handle.remove()
-    reference = (logits / temperature).log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        reference = _hooked_logprobs(model, table, ids, mask, temperature)
     learner = SteeredLearner(model, table.float())
     learner.steering.data = table.clone()
     with torch.no_grad():
