@@ -15,7 +15,16 @@ from __future__ import annotations
 import argparse
 import os
 
-from steering_vllm.config import SCALE_KEY, VECTORS_KEY, steering_options
+from steering_vllm.config import (
+    DEFAULT_MAX_CONFIGS,
+    MAX_CONFIGS_KEY,
+    SCALE_KEY,
+    SETS_KEY,
+    VECTORS_KEY,
+    check_set_name,
+    per_request_options,
+    steering_options,
+)
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
 
 
@@ -42,6 +51,13 @@ def install() -> None:
         vllm_config = original_create(self, *args, **kwargs)
         check_vectors_against_model(vllm_config)
         add_worker_extension(vllm_config)
+        if per_request_options(vllm_config.additional_config) is not None:
+            from steering_vllm import frontend
+
+            frontend.install_hooks()  # this process builds an engine: its front end resolves requests' sets
+            # The workers' row assignment hooks vLLM's V1 model runner (V2, the GPU default when Triton is
+            # installed, is not supported yet); the workers this process starts inherit the choice.
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
@@ -71,6 +87,25 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
         help="Multiply the steering vectors by this factor (default 1.0).",
     )
     group.add_argument(
+        "--steering-sets",
+        type=_named_vectors_file,
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="Named steering sets served side by side with the default (--steering-vectors): a request picks one "
+        'with vllm_xargs {"steering": NAME} (or names with "steering_scale" weights, or "none"), or by NAME in the '
+        "OpenAI model field. Turns on per-request steering.",
+    )
+    group.add_argument(
+        "--max-steering-configs",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="Per-request steering: distinct vector configurations served at once (one table row each); requests "
+        f"with a new one wait for a free row. Default {DEFAULT_MAX_CONFIGS} when --steering-sets is given; "
+        "giving it alone turns on per-request steering with no sets yet.",
+    )
+    group.add_argument(
         "--steering-dir",
         type=_directory,
         default=None,
@@ -82,13 +117,44 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
 
 
 def route_steering_args(args: argparse.Namespace, engine_args) -> None:
+    routed = {}
     path = getattr(args, "steering_vectors", None)
-    if path is None:
-        return
-    additional_config = dict(engine_args.additional_config or {})
-    additional_config[VECTORS_KEY] = path
-    additional_config[SCALE_KEY] = getattr(args, "steering_scale", 1.0)
-    engine_args.additional_config = additional_config
+    if path is not None:
+        routed[VECTORS_KEY] = path
+        routed[SCALE_KEY] = getattr(args, "steering_scale", 1.0)
+    sets = getattr(args, "steering_sets", None)
+    if sets:
+        names = [name for name, _ in sets]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise SteeringVectorsError(f"--steering-sets names {duplicated} more than once")
+        routed[SETS_KEY] = dict(sets)
+    max_configs = getattr(args, "max_steering_configs", None)
+    if max_configs is not None:
+        routed[MAX_CONFIGS_KEY] = max_configs
+    if routed:
+        engine_args.additional_config = {**(engine_args.additional_config or {}), **routed}
+
+
+def _named_vectors_file(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{value!r}: give NAME=PATH")
+    try:
+        check_set_name(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name, _vectors_file(path)
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a positive integer")
+    return number
 
 
 def _vectors_file(value: str) -> str:
@@ -109,19 +175,29 @@ def _directory(value: str) -> str:
 
 
 def check_vectors_against_model(vllm_config) -> None:
-    """Raise SteeringVectorsError unless the configured vectors fit the model (architecture, layers, width)."""
+    """Raise SteeringVectorsError unless the configured vectors and sets fit the model (architecture, layers,
+    width)."""
     from steering_vllm.families import ARCHITECTURES
 
-    path, _ = steering_options(vllm_config.additional_config)
-    if path is None:
+    additional_config = vllm_config.additional_config
+    path, _ = steering_options(additional_config)
+    per_request = per_request_options(additional_config)
+    if path is None and per_request is None:
         return
     model_config = vllm_config.model_config
     if not is_steered(model_config):
+        what = path if path is not None else "per-request steering sets"
         raise SteeringVectorsError(
-            f"{path}: model {model_config.model} is {_architectures(model_config)}; "
+            f"{what}: model {model_config.model} is {_architectures(model_config)}; "
             f"steering supports {sorted(ARCHITECTURES)}"
         )
-    vectors_for_model(path, model_config)
+    if path is not None:
+        vectors_for_model(path, model_config)
+    for name, set_path in (per_request or ({}, 0))[0].items():
+        try:
+            vectors_for_model(set_path, model_config)
+        except SteeringVectorsError as e:
+            raise SteeringVectorsError(f"steering set {name!r}: {e}") from None
 
 
 def vectors_for_model(vectors: SteeringVectors | str | os.PathLike, model_config) -> SteeringVectors:

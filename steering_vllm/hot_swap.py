@@ -2,6 +2,12 @@
 
 ``update_steering`` serves ``vllm.LLM``; ``update_steering_async`` serves ``AsyncLLM``, the engine behind
 ``vllm serve``, where requests may be running during the swap.
+
+An engine started with per-request sets (``steering_sets`` / ``max_steering_configs``) keeps its sets in
+its front end: ``update_steering(llm, vectors, name="a")`` adds or replaces set ``a`` (no name: the
+default set) and ``remove_steering(llm, "a")`` removes it. New requests resolve to the new vectors;
+running ones keep what they were admitted with, and the prefix cache needs no reset (it is keyed by each
+request's vectors).
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ import os
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
 
 
-def update_steering(llm, vectors: SteeringVectors | str | os.PathLike) -> str:
+def update_steering(llm, vectors: SteeringVectors | str | os.PathLike, name: str | None = None) -> str:
     """Swap ``llm``'s steering vectors for ``vectors`` (an object or any readable file); returns their hash.
+
+    With per-request sets, this adds or replaces set ``name`` (None: the default set) instead.
 
     The vectors are checked against the model first, so a bad update raises ``SteeringVectorsError`` and
     changes nothing. Then every worker copies them into its buffers in place (addresses unchanged, so
@@ -21,13 +29,15 @@ def update_steering(llm, vectors: SteeringVectors | str | os.PathLike) -> str:
     request then); a request never sees half a swap.
     """
     vectors = _checked(llm.llm_engine.vllm_config, vectors)
+    if _put_set(llm.llm_engine, vectors, name):
+        return vectors.content_hash()
     _check_hashes(llm.collective_rpc("steering_update", args=(vectors.to_bytes(), vectors.source)), vectors)
     if not llm.reset_prefix_cache():
         raise RuntimeError("steering update: the prefix cache could not be reset (requests still running?)")
     return vectors.content_hash()
 
 
-async def update_steering_async(engine, vectors: SteeringVectors | str | os.PathLike) -> str:
+async def update_steering_async(engine, vectors: SteeringVectors | str | os.PathLike, name: str | None = None) -> str:
     """``update_steering`` for ``vllm.v1.engine.async_llm.AsyncLLM``, safe while requests run.
 
     The swap lands between engine steps: generation is paused with running requests kept, the prefix
@@ -36,6 +46,8 @@ async def update_steering_async(engine, vectors: SteeringVectors | str | os.Path
     with the old vectors and continues with the new ones, its context recomputed under them.
     """
     vectors = _checked(engine.vllm_config, vectors)
+    if _put_set(engine, vectors, name):
+        return vectors.content_hash()
     payload = vectors.to_bytes()
     await engine.pause_generation(mode="keep", clear_cache=True)
     try:
@@ -43,6 +55,37 @@ async def update_steering_async(engine, vectors: SteeringVectors | str | os.Path
     finally:
         await engine.resume_generation()
     return vectors.content_hash()
+
+
+def remove_steering(llm_or_engine, name: str) -> None:
+    """Remove set ``name`` from an engine with per-request sets (``vllm.LLM`` or ``AsyncLLM``). Requests that
+    use it keep their vectors until they end; new ones naming it are refused."""
+    sets = steering_sets(getattr(llm_or_engine, "llm_engine", llm_or_engine))
+    if sets is None:
+        raise SteeringVectorsError(NO_SETS_MESSAGE)
+    sets.remove(name)
+
+
+def steering_sets(engine):
+    """The engine's ``SteeringSets`` (``steering_vllm.sets``), or None without per-request steering."""
+    return getattr(engine, "steering_sets", None)
+
+
+NO_SETS_MESSAGE = (
+    "this engine serves one set of vectors to every request; start it with steering_sets or max_steering_configs "
+    "(--steering-sets / --max-steering-configs) to serve named sets"
+)
+
+
+def _put_set(engine, vectors: SteeringVectors, name: str | None) -> bool:
+    """Put ``vectors`` in the engine's sets if it has per-request steering; False if it serves one set."""
+    sets = steering_sets(engine)
+    if sets is None:
+        if name is not None:
+            raise SteeringVectorsError(NO_SETS_MESSAGE)
+        return False
+    sets.put(name, vectors)
+    return True
 
 
 def _checked(vllm_config, vectors) -> SteeringVectors:

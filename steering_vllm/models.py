@@ -18,7 +18,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.models.utils import PPMissingLayer
 
-from steering_vllm.config import steering_options
+from steering_vllm.config import per_request_options, steering_options
 from steering_vllm.families import FAMILIES
 from steering_vllm.norm import SteeredRMSNorm
 from steering_vllm.vectors import SteeringVectors, table_hash
@@ -41,25 +41,43 @@ class SteeringMixin:
         text_config = vllm_config.model_config.hf_text_config
         self.steering_num_layers = text_config.num_hidden_layers
         self.steering_hidden_size = text_config.hidden_size
+        per_request = per_request_options(vllm_config.additional_config)
+        rows, self.steering_index = 1, None
+        if per_request is not None:
+            # Row 0 stays zero (unsteered requests, padded tokens); each live configuration takes another row.
+            rows = per_request[1] + 1
+            max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+            self.steering_index = torch.zeros(max_tokens, dtype=torch.int32)
+        self.steering_table_rows = rows
         for idx in range(max(decoder.start_layer, 1), decoder.end_layer):
             layer = decoder.layers[idx]
             norm = _checked_norm(getattr(layer, "input_layernorm", None), f"model.layers.{idx}.input_layernorm")
-            layer.input_layernorm = SteeredRMSNorm.replacing(norm, steered_layer=idx - 1)
+            layer.input_layernorm = SteeredRMSNorm.replacing(norm, idx - 1, rows, self.steering_index)
         # Some families build the final norm on every pipeline rank; only the last rank runs it.
         if decoder.end_layer == self.steering_num_layers and not isinstance(decoder.norm, PPMissingLayer):
             norm = _checked_norm(decoder.norm, "model.norm")
-            decoder.norm = SteeredRMSNorm.replacing(norm, steered_layer=self.steering_num_layers - 1)
+            decoder.norm = SteeredRMSNorm.replacing(norm, self.steering_num_layers - 1, rows, self.steering_index)
 
         self._steering_history: deque[dict] = deque(maxlen=HISTORY_LENGTH)
         self._record_steering(SteeringVectors.zeros(self.steering_num_layers, self.steering_hidden_size))
         path, scale = steering_options(vllm_config.additional_config)
-        if path is not None:
+        if path is not None and per_request is None:  # per-request engines resolve the default in the front end
             model_name = vllm_config.model_config.model
             vectors = SteeringVectors.load(path, num_layers=self.steering_num_layers)
             if scale != 1.0:
                 vectors = vectors.scale(scale)
             self.set_steering(vectors, model_name)
             logger.info("steering: %s (scale %s), content hash %s", path, scale, vectors.content_hash()[:12])
+
+    def write_steering_row(self, row: int, table: torch.Tensor) -> None:
+        """Copy a configuration's [L, d] vectors into row ``row`` of this rank's steered norms, in place."""
+        with torch.no_grad():
+            for norm in self.steering_norms():
+                norm.steering_table[row].copy_(table[norm.steered_layer], non_blocking=True)
+
+    def steering_row(self, row: int) -> torch.Tensor:
+        """[L, d] float32: row ``row`` of this rank's tables (zero rows for layers other ranks hold)."""
+        return self._with_buffers(torch.zeros(self.steering_num_layers, self.steering_hidden_size), row)
 
     def steering_norms(self) -> list[SteeredRMSNorm]:
         return [m for m in self.modules() if isinstance(m, SteeredRMSNorm)]
@@ -71,6 +89,8 @@ class SteeringMixin:
         that went wrong is reported, not the hash of what was meant to be copied."""
         vectors.check_compatible(self.steering_num_layers, self.steering_hidden_size, model_name)
         table = vectors.to_tensor()
+        if self.steering_index is not None:
+            raise RuntimeError("steering: this engine serves per-request sets; update them through its front end")
         with torch.no_grad():
             for norm in self.steering_norms():
                 norm.steering_table[0].copy_(table[norm.steered_layer])
@@ -105,17 +125,17 @@ class SteeringMixin:
 
     def get_steering(self) -> torch.Tensor:
         """[L, d] float32 copy of the vectors this rank holds (zero rows for layers held by other ranks)."""
-        return self._with_buffers(torch.zeros(self.steering_num_layers, self.steering_hidden_size))
+        return self.steering_row(0)
 
     def active_steering_table(self) -> torch.Tensor:
         """[L, d]: this rank's buffers for the layers it holds, the vectors it was last sent for the others
         (held by other pipeline ranks). Equal on every rank, and to the sent vectors, unless a copy failed."""
         return self._with_buffers(self._steering_received.clone())
 
-    def _with_buffers(self, table: torch.Tensor) -> torch.Tensor:
-        """``table`` with the rows of the layers this rank steers read from its buffers."""
+    def _with_buffers(self, table: torch.Tensor, row: int = 0) -> torch.Tensor:
+        """``table`` with the rows of the layers this rank steers read from row ``row`` of its buffers."""
         for norm in self.steering_norms():
-            table[norm.steered_layer] = norm.steering_table[0].cpu()
+            table[norm.steered_layer] = norm.steering_table[row].cpu()
         return table
 
 

@@ -13,30 +13,34 @@ import kernels  # noqa: F401  (registers torch.ops.steering)
 class SteeredRMSNorm(RMSNorm):
     """``residual <- hidden + residual + s_l``; ``hidden <- rmsnorm(residual) * weight``, in place, one kernel.
 
-    ``steering_table`` is a [1, hidden_size] float32 buffer. It is not part of the state dict, so weight
-    loaders (including the dummy one) never touch it, and it is only ever updated in place, so compiled
-    graphs and CUDA graphs that captured its address stay valid.
+    ``steering_table`` is a [rows, hidden_size] float32 buffer: one row (every token reads row 0) unless the
+    engine serves per-request steering, where ``steering_index`` (an int32 buffer shared by all the model's
+    steered norms, filled before each forward) names each token's row. Neither is part of the state dict,
+    so weight loaders (including the dummy one) never touch them, and both are only ever updated in place,
+    so compiled graphs and CUDA graphs that captured their addresses stay valid.
     """
 
-    def __init__(self, hidden_size: int, eps: float, steered_layer: int):
+    def __init__(self, hidden_size: int, eps: float, steered_layer: int, rows: int = 1, index=None):
         super().__init__(hidden_size, eps=eps)
         self.steered_layer = steered_layer
-        self.register_buffer("steering_table", torch.zeros(1, hidden_size, dtype=torch.float32), persistent=False)
+        self.register_buffer("steering_table", torch.zeros(rows, hidden_size, dtype=torch.float32), persistent=False)
+        self.register_buffer("steering_index", index, persistent=False)
 
     @classmethod
-    def replacing(cls, norm: RMSNorm, steered_layer: int) -> "SteeredRMSNorm":
+    def replacing(cls, norm: RMSNorm, steered_layer: int, rows: int = 1, index=None) -> "SteeredRMSNorm":
         """A steered norm that takes over ``norm``'s weight (same Parameter, so weight loading is unchanged)."""
         if norm.variance_size_override is not None or not norm.has_weight:
             raise NotImplementedError("steering supports plain RMSNorm with a weight over the full hidden size")
-        steered = cls(norm.hidden_size, norm.variance_epsilon, steered_layer)
+        steered = cls(norm.hidden_size, norm.variance_epsilon, steered_layer, rows, index)
         steered.weight = norm.weight
         return steered
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
             return super().forward(x)
+        index = None if self.steering_index is None else self.steering_index[: x.shape[0]]
         torch.ops.steering.fused_add_steer_rms_norm_(
-            x, residual, self.steering_table, None, self.weight, self.variance_epsilon
+            x, residual, self.steering_table, index, self.weight, self.variance_epsilon
         )
         return x, residual
 

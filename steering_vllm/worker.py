@@ -6,9 +6,11 @@ does not carry tensors faithfully (DESIGN.md §5).
 """
 
 import contextlib
+import functools
 import logging
 
-from steering_vllm.vectors import SteeringVectors
+from steering_vllm.rows import RowAssigner
+from steering_vllm.vectors import SteeringVectors, table_hash
 
 EXTENSION = "steering_vllm.worker.SteeringWorkerExtension"
 
@@ -26,6 +28,54 @@ class SteeringWorkerExtension:
     def steering_status(self) -> dict:
         """What ``GET /v1/steering`` reports: the active vectors' summary, when they were set, the last swaps."""
         return self.model_runner.get_model().steering_status()
+
+    def steering_store_configuration(self, content_hash: str, payload: bytes) -> str:
+        """Keep a per-request configuration's vectors until a request asks for it; returns their hash."""
+        vectors = SteeringVectors.from_bytes(payload, source=f"configuration {content_hash[:12]}")
+        received = vectors.content_hash()
+        if received != content_hash:
+            raise ValueError(f"steering: configuration {content_hash[:12]} arrived as {received[:12]}")
+        self._steering_rows().store_configuration(content_hash, vectors.to_tensor())
+        return received
+
+    def steering_forget_configurations(self, hashes: list[str]) -> None:
+        self._steering_rows().forget(hashes)
+
+    def steering_rows_status(self) -> dict:
+        """Each table row in use: the configuration it was given and the hash read back from the buffers."""
+        rows = self._steering_rows()
+        rows.release_ended(self.model_runner.requests)
+        status = rows.status()
+        model = self.model_runner.get_model()
+        for row, entry in status["rows"].items():
+            entry["buffer_hash"] = table_hash(model.steering_row(row))
+        return status
+
+    def _steering_rows(self) -> RowAssigner:
+        """The row assigner, installed on first use: it fills the norms' index before every forward."""
+        rows = getattr(self, "_steering_row_assigner", None)
+        if rows is None:
+            runner = self.model_runner
+            model = runner.get_model()
+            if getattr(model, "steering_index", None) is None:
+                raise RuntimeError("steering: this engine was not started with per-request steering sets")
+            if not hasattr(runner, "_model_forward") or not hasattr(runner, "req_indices"):
+                raise RuntimeError(
+                    f"steering: per-request sets need vLLM's V1 model runner, not {type(runner).__name__}; "
+                    "unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
+                )
+            rows = RowAssigner(model, model.steering_index, model.steering_table_rows)
+            forward = runner._model_forward
+
+            @functools.wraps(forward)
+            def steered_forward(*args, **kwargs):
+                positions = kwargs.get("positions")
+                rows.fill(runner, positions.shape[-1])
+                return forward(*args, **kwargs)
+
+            runner._model_forward = steered_forward
+            self._steering_row_assigner = rows
+        return rows
 
     def load_weights_bytes(self, payload: bytes) -> int:
         """Replace base weights in place from safetensors bytes (HF checkpoint names); returns the tensor count.

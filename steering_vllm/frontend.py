@@ -1,0 +1,232 @@
+"""Per-request steering in the engine's front end (``LLMEngine`` behind ``vllm.LLM``, ``AsyncLLM`` behind
+``vllm serve``): resolve each request's choice, key its prefix cache, admit it, and tell the workers.
+
+``install(engine)`` (called by the plugin after the engine is built, when ``steering_sets`` or
+``max_steering_configs`` is configured) wraps four methods of that engine instance, nothing global:
+
+- ``input_processor.process_inputs`` (and its async twin): resolve the request's ``extra_args`` to a
+  configuration (a bad choice raises ValueError here, before anything is scheduled), record its hash in
+  ``extra_args`` for the workers, and fold it into ``cache_salt`` so blocks are shared only by requests
+  with the same vectors;
+- ``engine_core.add_request`` (sync or async): count the request as live with its configuration and,
+  the first time, send the configuration to every worker before the request itself. When
+  ``max_steering_configs`` configurations are live, ``AsyncLLM`` waits for one to end; ``LLM`` refuses
+  the request in ``process_inputs`` with a clear error;
+- ``engine_core.get_output`` / ``abort_requests``: requests that finished or were aborted stop counting.
+
+A request's vectors are fixed when it is admitted: replacing or removing its set later changes what new
+requests resolve to, never what it is served with (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections import OrderedDict
+
+from steering_vllm.config import per_request_options, steering_options
+from steering_vllm.sets import CONFIG_KEY, Configuration, SteeringRowsExhausted, SteeringSets, salted
+from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+
+
+def install_hooks() -> None:
+    """Make every ``LLMEngine`` and ``AsyncLLM`` built from now on call ``install`` on itself."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    for cls in (LLMEngine, AsyncLLM):
+        if "_steering_vllm_installed" in vars(cls):
+            continue
+        build = cls.__init__
+
+        @functools.wraps(build)
+        def __init__(self, *args, _build=build, **kwargs):
+            _build(self, *args, **kwargs)
+            install(self)
+
+        cls.__init__ = __init__
+        cls._steering_vllm_installed = True
+
+
+def install(engine) -> None:
+    """Give ``engine`` (an ``LLMEngine`` or ``AsyncLLM``) per-request steering, if its config asks for it."""
+    from steering_vllm.engine_args import is_steered
+
+    vllm_config = engine.vllm_config
+    options = per_request_options(vllm_config.additional_config)
+    if options is None or not is_steered(vllm_config.model_config):
+        return
+    engine.steering_sets = sets = load_sets(vllm_config.model_config, vllm_config.additional_config)
+    front = SteeringFrontEnd(sets, engine)
+    processor = engine.input_processor
+    process_inputs, process_inputs_async = processor.process_inputs, processor.process_inputs_async
+
+    def resolving(*args, **kwargs):
+        return front.resolve(process_inputs(*args, **kwargs))
+
+    async def resolving_async(*args, **kwargs):
+        return front.resolve(await process_inputs_async(*args, **kwargs))
+
+    processor.process_inputs, processor.process_inputs_async = resolving, resolving_async
+    client = engine.engine_core
+    if front.is_async:  # AsyncLLM
+        front.wrap_async_client(client)
+    else:
+        front.wrap_sync_client(client)
+    engine.steering_front_end = front
+
+
+def load_sets(model_config, additional_config) -> SteeringSets:
+    """The default set and the named sets of ``additional_config``, checked against the model."""
+    text_config = model_config.hf_text_config
+    num_layers = text_config.num_hidden_layers
+    paths, max_configs = per_request_options(additional_config)
+    sets = SteeringSets(num_layers, text_config.hidden_size, max_configs, model=model_config.model)
+    path, scale = steering_options(additional_config)
+    if path is not None:
+        default = SteeringVectors.load(path, num_layers=num_layers)
+        sets.put(None, default.scale(scale) if scale != 1.0 else default)
+    for name, path in paths.items():
+        try:
+            sets.put(name, SteeringVectors.load(path, num_layers=num_layers))
+        except SteeringVectorsError as e:
+            raise SteeringVectorsError(f"steering set {name!r}: {e}") from None
+    return sets
+
+
+class SteeringFrontEnd:
+    def __init__(self, sets: SteeringSets, engine):
+        self.sets = sets
+        self.engine = engine
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.is_async = isinstance(engine, AsyncLLM)
+        self.known: OrderedDict[str, Configuration] = OrderedDict()  # recently resolved, by hash
+        self._freed: asyncio.Event | None = None
+        self._store_lock: asyncio.Lock | None = None
+
+    # ---- resolution (process_inputs) ---------------------------------------------------------------------
+
+    def resolve(self, request):
+        params = request.sampling_params
+        if params is None:  # pooling requests are not steered per request
+            return request
+        configuration = self.sets.resolve(params.extra_args)
+        if not self.is_async and not self.sets.can_admit(configuration):
+            raise SteeringRowsExhausted(
+                f"this request needs a steering configuration of its own, and all {self.sets.max_configs} "
+                f"(max_steering_configs) are taken by requests already added; raise max_steering_configs"
+            )
+        params.extra_args = {**(params.extra_args or {}), CONFIG_KEY: configuration.content_hash}
+        request.cache_salt = salted(configuration.content_hash, request.cache_salt)
+        self.known[configuration.content_hash] = configuration
+        self.known.move_to_end(configuration.content_hash)
+        if len(self.known) > 4 * self.sets.max_configs:
+            self.known.popitem(last=False)
+        return request
+
+    def configuration_of(self, request) -> Configuration | None:
+        params = request.sampling_params
+        content_hash = (params.extra_args or {}).get(CONFIG_KEY) if params is not None else None
+        if content_hash is None:
+            if params is None:
+                return None
+            self.resolve(request)  # an EngineCoreRequest built by the caller, not through process_inputs
+            content_hash = params.extra_args[CONFIG_KEY]
+        if content_hash == self.sets.zero.content_hash:
+            return self.sets.zero
+        configuration = self.known.get(content_hash) or self.sets.live_configuration(content_hash)
+        if configuration is None:  # resolved long ago (many others since): resolve again, it must still agree
+            configuration = self.sets.resolve(params.extra_args)
+            if configuration.content_hash != content_hash:
+                raise RuntimeError(
+                    f"steering: request {request.request_id}'s set changed while it was being admitted; send it again"
+                )
+        return configuration
+
+    # ---- the engine core client --------------------------------------------------------------------------
+
+    def wrap_sync_client(self, client) -> None:
+        add, abort, get_output = client.add_request, client.abort_requests, client.get_output
+
+        def add_request(request):
+            try:
+                configuration = self.configuration_of(request)
+                if configuration is not None and self.sets.admit(request.request_id, configuration):
+                    self._store_sync(client, configuration)
+                add(request)
+            except BaseException:
+                self.sets.release([request.request_id])
+                raise
+
+        def abort_requests(request_ids):
+            abort(request_ids)
+            self.sets.release(request_ids)
+
+        def get_output_sync():
+            outputs = get_output()
+            self.sets.release([o.request_id for o in outputs.outputs if o.finished])
+            return outputs
+
+        client.add_request, client.abort_requests, client.get_output = add_request, abort_requests, get_output_sync
+
+    def _store_sync(self, client, configuration: Configuration) -> None:
+        payload = configuration.to_bytes()
+        client.collective_rpc("steering_store_configuration", args=(configuration.content_hash, payload))
+        forget = self.sets.mark_stored(configuration)
+        if forget:
+            client.collective_rpc("steering_forget_configurations", args=(forget,))
+
+    def wrap_async_client(self, client) -> None:
+        add, abort, get_output = client.add_request_async, client.abort_requests_async, client.get_output_async
+
+        async def add_request_async(request):
+            configuration = self.configuration_of(request)
+            if configuration is not None:
+                try:
+                    await self._admit_async(client, request.request_id, configuration)
+                except BaseException:
+                    self.sets.release([request.request_id])
+                    self.engine.output_processor.abort_requests([request.request_id], internal=True)
+                    raise
+            try:
+                await add(request)
+            except BaseException:
+                self.sets.release([request.request_id])
+                raise
+
+        async def abort_requests_async(request_ids):
+            await abort(request_ids)
+            self._released(request_ids)
+
+        async def get_output_async_():
+            outputs = await get_output()
+            self._released([o.request_id for o in outputs.outputs if o.finished])
+            return outputs
+
+        client.add_request_async = add_request_async
+        client.abort_requests_async = abort_requests_async
+        client.get_output_async = get_output_async_
+
+    def _released(self, request_ids) -> None:
+        if self.sets.release(request_ids) and self._freed is not None:
+            self._freed.set()
+
+    async def _admit_async(self, client, request_id: str, configuration: Configuration) -> None:
+        while not self.sets.can_admit(configuration):  # wait for a live configuration to end, as LoRA waits
+            if self._freed is None:
+                self._freed = asyncio.Event()
+            self._freed.clear()
+            await self._freed.wait()
+        if not self.sets.admit(request_id, configuration):
+            return
+        if self._store_lock is None:
+            self._store_lock = asyncio.Lock()
+        async with self._store_lock:  # one send per configuration, even when its first requests come together
+            if configuration.content_hash in self.sets.stored:
+                return
+            args = (configuration.content_hash, configuration.to_bytes())
+            await client.collective_rpc_async("steering_store_configuration", args=args)
+            forget = self.sets.mark_stored(configuration)
+            if forget:
+                await client.collective_rpc_async("steering_forget_configurations", args=(forget,))

@@ -1,0 +1,173 @@
+"""Per-request steering in the real engine (``vllm.LLM``; eager and compiled, prefix cache on): named sets side
+by side, chosen per request in one batch, each request served exactly what the HF-hooks reference gives under
+the vectors it chose; the prefix cache shared within a configuration and never across; sets added, replaced
+and removed at run time; bad choices and too many configurations refused without harm."""
+
+import pytest
+import torch
+from engine_utils import hf_reference, max_abs_diff, random_prompts, shutdown, start_engine
+from tiny_models import HIDDEN_SIZE, NUM_LAYERS, VOCAB_SIZE
+
+from steering_vllm import SteeringVectors, SteeringVectorsError, remove_steering, update_steering
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+PROMPT_LENGTH = 300  # two full KV blocks of 128 are cached, and reused by a later request with the same vectors
+MAX_TOKENS = 8
+MAX_CONFIGS = 4
+TOLERANCE = 1e-5  # engine vs reference logprobs; measured <= 1e-6 (fp32)
+
+
+def _vectors(seed, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return SteeringVectors.from_tensor(torch.randn(NUM_LAYERS, HIDDEN_SIZE, generator=g) * scale)
+
+
+A, B, DEFAULT, C = _vectors(20), _vectors(21), _vectors(22), _vectors(23)
+A2 = _vectors(24)  # what set "a" is replaced with
+
+
+def _generate(llm, prompts, choices):
+    """One ``generate`` call: prompt i with ``extra_args`` choices[i]; tokens, logprobs and cached tokens."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True, extra_args=choice)
+        for choice in choices
+    ]
+    requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    results = []
+    for output in llm.generate(requests, params, use_tqdm=False):
+        completion = output.outputs[0]
+        logprobs = [e[t].logprob for t, e in zip(completion.token_ids, completion.logprobs, strict=True)]
+        results.append({"tokens": list(completion.token_ids), "logprobs": logprobs, "cached": output.num_cached_tokens})
+    return results
+
+
+@pytest.fixture(scope="module", params=["compiled", "eager"])
+def served(request, tiny_model_dirs, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sets")
+    model_dir = tiny_model_dirs["qwen2"]
+    llm = start_engine(
+        model_dir,
+        enforce_eager=request.param == "eager",
+        additional_config={
+            "steering_vectors": str(DEFAULT.save(directory / "default.safetensors")),
+            "steering_sets": {
+                "a": str(A.save(directory / "a.safetensors")),
+                "b": str(B.save(directory / "b.safetensors")),
+            },
+            "max_steering_configs": MAX_CONFIGS,
+        },
+    )
+    config = llm.llm_engine.vllm_config
+    prompts = random_prompts(3, PROMPT_LENGTH, VOCAB_SIZE, seed=25)
+    p = prompts[0]
+    run = {"mode": config.compilation_config.mode, "prefix_caching": config.cache_config.enable_prefix_caching}
+    run["block_size"] = config.cache_config.block_size
+    # One batch, five configurations (four non-zero, the limit) and the same prompt under several of them.
+    run["mixed_choices"] = [
+        {"steering": "a"},
+        {"steering": "b"},
+        {"steering": "none"},
+        None,  # the default set
+        {"steering": ["a", "b"], "steering_scale": [1.0, -0.5]},
+        {"steering": "a"},
+        {"steering": "b"},
+    ]
+    run["mixed_prompts"] = [p, p, p, p, p, prompts[1], prompts[2]]
+    run["mixed_tables"] = [
+        A.to_tensor(),
+        B.to_tensor(),
+        None,
+        DEFAULT.to_tensor(),
+        A.to_tensor() - 0.5 * B.to_tensor(),
+        A.to_tensor(),
+        B.to_tensor(),
+    ]
+    run["mixed"] = _generate(llm, run["mixed_prompts"], run["mixed_choices"])
+    # The same prompt again, one configuration at a time: cache hits only within a configuration.
+    run["again_a"] = _generate(llm, [p], [{"steering": "a"}])[0]
+    run["b_scaled"] = _generate(llm, [p], [{"steering": "b", "steering_scale": 0.5}])[0]  # new configuration
+    # Replace "a", add "c", remove "b"; then the same prompt under each.
+    run["hashes"] = [update_steering(llm, A2, name="a"), update_steering(llm, C, name="c")]
+    remove_steering(llm, "b")
+    run["after"] = _generate(llm, [p, p], [{"steering": "a"}, {"steering": "c"}])
+    run["errors"] = {}
+    for label, choice in {
+        "unknown": {"steering": "b"},
+        "malformed": {"steering": "a/../b"},
+        "scale": {"steering": "a", "steering_scale": float("inf")},
+        "count": {"steering": ["a", "c"], "steering_scale": [1.0]},
+    }.items():
+        with pytest.raises(ValueError) as error:
+            _generate(llm, [p], [choice])
+        run["errors"][label] = str(error.value)
+    too_many = [{"steering": "a", "steering_scale": 1.0 + i / 10} for i in range(MAX_CONFIGS + 1)]
+    with pytest.raises(RuntimeError) as error:
+        _generate(llm, [p] * len(too_many), too_many)
+    run["errors"]["too_many"] = str(error.value)
+    with pytest.raises(SteeringVectorsError) as error:
+        update_steering(llm, SteeringVectors.zeros(NUM_LAYERS, 64), name="d")
+    run["errors"]["shape"] = str(error.value)
+    run["after_errors"] = _generate(llm, [p], [{"steering": "c"}])[0]
+    run["status"] = llm.collective_rpc("steering_rows_status")
+    shutdown(llm)
+    run["model_dir"] = model_dir
+    return run
+
+
+def _reference(model_dir, table, prompt, generation):
+    return hf_reference(model_dir, table, [prompt], [generation])[0]
+
+
+def _assert_served(run, output, table, prompt):
+    reference = _reference(run["model_dir"], table, prompt, output)
+    assert output["tokens"] == reference["argmax"]
+    assert max_abs_diff(output["logprobs"], reference["logprobs"]) < TOLERANCE
+
+
+def test_each_request_in_a_mixed_batch_gets_the_vectors_it_chose(served):
+    assert served["prefix_caching"] and PROMPT_LENGTH >= 2 * served["block_size"]
+    for output, table, prompt in zip(served["mixed"], served["mixed_tables"], served["mixed_prompts"], strict=True):
+        _assert_served(served, output, table, prompt)
+    first = served["mixed"][:5]  # one prompt under five configurations: they really differ
+    for i, x in enumerate(first):
+        for y in first[i + 1 :]:
+            assert x["tokens"] != y["tokens"] or max_abs_diff(x["logprobs"], y["logprobs"]) > 1e-2
+
+
+def test_the_prefix_cache_is_shared_within_a_configuration_and_never_across(served):
+    assert served["again_a"]["cached"] >= 2 * served["block_size"]  # same prompt, same vectors: reused
+    _assert_served(served, served["again_a"], A.to_tensor(), served["mixed_prompts"][0])
+    assert served["b_scaled"]["cached"] == 0  # same prompt, new vectors: computed afresh
+    _assert_served(served, served["b_scaled"], 0.5 * B.to_tensor(), served["mixed_prompts"][0])
+
+
+def test_sets_are_replaced_added_and_removed_at_run_time(served):
+    assert served["hashes"] == [A2.content_hash(), C.content_hash()]
+    prompt = served["mixed_prompts"][0]
+    after_a, after_c = served["after"]
+    assert after_a["cached"] == 0  # the old version's blocks are not served to the new "a"
+    _assert_served(served, after_a, A2.to_tensor(), prompt)
+    _assert_served(served, after_c, C.to_tensor(), prompt)
+
+
+def test_bad_choices_are_refused_before_scheduling_and_change_nothing(served):
+    errors = served["errors"]
+    assert "unknown steering set 'b' (sets: a, c)" in errors["unknown"]
+    assert "'a/../b' is malformed" in errors["malformed"]
+    assert "finite number" in errors["scale"]
+    assert "list of 2 numbers" in errors["count"]
+    assert f"all {MAX_CONFIGS} (max_steering_configs) are taken" in errors["too_many"]
+    assert "hidden_size 64 does not match" in errors["shape"]
+    _assert_served(served, served["after_errors"], C.to_tensor(), served["mixed_prompts"][0])
+
+
+def test_every_row_holds_exactly_its_configurations_vectors(served):
+    (status,) = served["status"]
+    assert status["rows"]
+    for entry in status["rows"].values():
+        assert entry["buffer_hash"] == entry["content_hash"]
+        assert entry["requests"] == 0  # nothing is running now

@@ -1,0 +1,152 @@
+"""Per-request steering's books, without an engine: what a choice resolves to, which choices are refused,
+how the prefix cache is salted, and how configurations are admitted and released."""
+
+import pytest
+import torch
+
+from steering_vllm import SteeringVectors
+from steering_vllm.config import per_request_options
+from steering_vllm.sets import SteeringRowsExhausted, SteeringSets, parse_choice, salted
+
+L, D = 3, 8
+
+
+def _vectors(seed):
+    return SteeringVectors.from_tensor(torch.randn(L, D, generator=torch.Generator().manual_seed(seed)))
+
+
+A, B = _vectors(1), _vectors(2)
+
+
+@pytest.fixture
+def sets():
+    sets = SteeringSets(L, D, max_configs=2)
+    sets.put("a", A)
+    sets.put("b", B)
+    return sets
+
+
+def test_a_choice_resolves_to_the_weighted_sum_of_its_sets(sets):
+    assert torch.equal(sets.resolve({"steering": "a"}).table, A.to_tensor())
+    assert torch.allclose(sets.resolve({"steering": "a", "steering_scale": 0.5}).table, 0.5 * A.to_tensor())
+    mixed = sets.resolve({"steering": ["a", "b"], "steering_scale": [1.0, -0.5]}).table
+    assert torch.allclose(mixed, A.to_tensor() - 0.5 * B.to_tensor(), atol=1e-6)
+    assert sets.resolve({"steering": "none"}).is_zero
+    assert sets.resolve(None).is_zero and sets.resolve({"other": 1}).is_zero  # no default given: zeros
+
+
+def test_equal_vectors_share_a_configuration_whatever_the_names(sets):
+    sets.put("a-copy", SteeringVectors.from_tensor(A.to_tensor()))
+    assert sets.resolve({"steering": "a"}).content_hash == sets.resolve({"steering": "a-copy"}).content_hash
+    assert sets.resolve({"steering": "a"}).content_hash != sets.resolve({"steering": "b"}).content_hash
+    doubled = sets.resolve({"steering": ["a", "a-copy"]}).content_hash
+    assert doubled == sets.resolve({"steering": "a", "steering_scale": 2.0}).content_hash
+
+
+def test_the_default_set_is_what_a_request_without_a_choice_gets(sets):
+    sets.put(None, B)
+    assert sets.resolve({}).content_hash == sets.resolve({"steering": "b"}).content_hash
+    assert sets.resolve({"steering": "none"}).is_zero
+
+
+@pytest.mark.parametrize(
+    "extra_args, message",
+    [
+        ({"steering": "c"}, r"unknown steering set 'c' \(sets: a, b\)"),
+        ({"steering": "no/slash"}, "malformed"),
+        ({"steering": ""}, "malformed"),
+        ({"steering": 3}, "must be a set name or a non-empty list"),
+        ({"steering": []}, "must be a set name or a non-empty list"),
+        ({"steering": "a", "steering_scale": float("nan")}, "finite number"),
+        ({"steering": "a", "steering_scale": "2"}, "finite number"),
+        ({"steering": "a", "steering_scale": [1.0]}, "must be one number"),
+        ({"steering": ["a", "b"], "steering_scale": [1.0]}, "list of 2 numbers"),
+        ({"steering": ["a", "none"]}, "reserved"),
+        ({"steering_scale": 2.0}, "without 'steering'"),
+        ({"steering": "a", "steering_scale": 1e300}, "overflows float32"),
+    ],
+)
+def test_bad_choices_are_refused_with_a_message_naming_the_problem(sets, extra_args, message):
+    with pytest.raises(ValueError, match=message):
+        sets.resolve(extra_args)
+
+
+def test_a_sum_that_overflows_float32_is_refused(sets):
+    sets.put("big", SteeringVectors.from_tensor(torch.full((L, D), 3e38)))
+    with pytest.raises(ValueError, match="overflows"):
+        sets.resolve({"steering": ["big", "big"]})
+
+
+def test_replacing_or_removing_a_set_changes_what_new_choices_resolve_to(sets):
+    before = sets.resolve({"steering": "a"})
+    sets.put("a", B)
+    assert sets.resolve({"steering": "a"}).content_hash == B.content_hash()
+    assert before.content_hash == A.content_hash()  # what an admitted request holds is its own
+    sets.remove("a")
+    with pytest.raises(ValueError, match="unknown steering set 'a'"):
+        sets.resolve({"steering": "a"})
+    with pytest.raises(KeyError, match="no steering set named 'a'"):
+        sets.remove("a")
+
+
+def test_sets_of_another_shape_and_bad_names_are_refused(sets):
+    with pytest.raises(ValueError, match="hidden_size 4 does not match the model's 8"):
+        sets.put("c", SteeringVectors.zeros(L, 4))
+    for name in ("none", "a b", ""):
+        with pytest.raises(ValueError, match="reserved|malformed"):
+            sets.put(name, A)
+
+
+def test_the_salt_keys_the_cache_by_configuration_and_keeps_the_users_salt():
+    assert salted("abc", None) == "steering:abc"
+    assert salted("abc", "tenant-1") == "steering:abc|tenant-1"
+    assert salted("abc", "t") != salted("abd", "t")
+
+
+def test_admission_counts_distinct_live_configurations(sets):
+    a, b = sets.resolve({"steering": "a"}), sets.resolve({"steering": "b"})
+    c = sets.resolve({"steering": "a", "steering_scale": 2.0})
+    assert sets.admit("r1", a) is True  # new: its vectors must be sent to the workers
+    sets.mark_stored(a)
+    assert sets.admit("r2", a) is False  # already there
+    assert sets.admit("r3", b) is True
+    assert sets.admit("z", sets.zero) is False  # unsteered requests take row 0, not a configuration
+    assert not sets.can_admit(c)
+    with pytest.raises(SteeringRowsExhausted, match="all 2 steering configurations are in use"):
+        sets.admit("r4", c)
+    assert sets.release(["r1"]) is False  # r2 still uses a
+    assert sets.release(["r2", "unknown"]) is True
+    assert sets.can_admit(c) and sets.admit("r4", c) is True
+    assert sets.live_requests() == 3
+
+
+def test_the_workers_are_told_to_forget_stored_configurations_no_request_uses():
+    sets = SteeringSets(L, D, max_configs=1)
+    forgotten = []
+    for i in range(5):
+        configuration = sets._configuration(torch.full((L, D), float(i + 1)))
+        sets.admit(f"r{i}", configuration)
+        forgotten += sets.mark_stored(configuration)
+        sets.release([f"r{i}"])
+    assert len(sets.stored) == 2 and len(forgotten) == 3  # 2 x max_configs kept, oldest forgotten first
+
+
+def test_per_request_steering_is_on_only_when_asked_for():
+    assert per_request_options({"steering_vectors": "v.safetensors"}) is None
+    assert per_request_options({"steering_sets": {"a": "a.safetensors"}}) == ({"a": "a.safetensors"}, 32)
+    assert per_request_options({"max_steering_configs": 4}) == ({}, 4)
+    for bad, message in [
+        ({"steering_sets": ["a"]}, "must map set names"),
+        ({"steering_sets": {"none": "x"}}, "reserved"),
+        ({"max_steering_configs": 0}, "positive integer"),
+        ({"max_steering_config": 4}, "unknown steering option"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            per_request_options(bad)
+
+
+def test_parse_choice_normalises_one_name_and_lists():
+    assert parse_choice(None) is None
+    assert parse_choice({"steering": "a"}) == (("a", 1.0),)
+    assert parse_choice({"steering": ["a", "b"], "steering_scale": [2, -1]}) == (("a", 2.0), ("b", -1.0))
+    assert parse_choice({"steering": "none"}) == ()
