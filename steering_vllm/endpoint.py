@@ -11,6 +11,15 @@ They live under ``/v1``, so ``--api-key`` guards them like every other route.
   ``{"file": NAME}`` naming a file inside ``--steering-dir``. ``?scale=F`` multiplies the vectors.
   PUTs are serialised; any failure answers 4xx/5xx and leaves the previous vectors active.
 - Every response carries ``x-steering-hash``: the vectors active when the request arrived.
+
+With per-request sets (``--steering-sets`` / ``--max-steering-configs``):
+
+- ``PUT /v1/steering/sets/{name}`` adds or replaces a set (same bodies, limits and errors as ``PUT
+  /v1/steering``, which now replaces the default set); ``DELETE /v1/steering/sets/{name}`` removes one;
+  ``GET /v1/steering`` lists the default and every set with hashes and norms. Running requests keep the
+  vectors they were admitted with.
+- A set is also chosen by its name in the OpenAI ``model`` field (as a LoRA adapter is): the body is
+  rewritten to the base model with ``vllm_xargs.steering`` set; each set is listed in ``/v1/models``.
 """
 
 from __future__ import annotations
@@ -23,12 +32,16 @@ from pathlib import Path, PurePath
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from steering_vllm.config import check_set_name
 from steering_vllm.engine_args import is_steered
-from steering_vllm.hot_swap import update_steering_async
+from steering_vllm.hot_swap import NO_SETS_MESSAGE, remove_steering, steering_sets, update_steering_async
+from steering_vllm.sets import CHOICE_KEY
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
 
 ROUTE = "/v1/steering"
+SETS_ROUTE = ROUTE + "/sets/{name}"
 HASH_HEADER = "x-steering-hash"
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
 MAX_JSON_BYTES = 64 * 1024
 
 
@@ -53,7 +66,10 @@ class SteeringEndpoint:
     def attach_router(self, app: FastAPI) -> None:
         app.add_api_route(ROUTE, self.get, methods=["GET"], tags=["steering"])
         app.add_api_route(ROUTE, self.put, methods=["PUT"], tags=["steering"])
+        app.add_api_route(SETS_ROUTE, self.put_set, methods=["PUT"], tags=["steering"])
+        app.add_api_route(SETS_ROUTE, self.delete_set, methods=["DELETE"], tags=["steering"])
         app.add_middleware(HashHeaderMiddleware, endpoint=self)
+        app.add_middleware(SetAsModelMiddleware, endpoint=self)
 
     async def init_state(self, engine_client, state, args) -> None:
         if engine_client is None:  # the render-only server has no engine
@@ -61,6 +77,10 @@ class SteeringEndpoint:
         self.control = SteeringControl(engine_client, getattr(args, "steering_dir", None))
         if self.control.steered:
             await self.control.status()
+        serving_models = getattr(state, "openai_serving_models", None)
+        if self.control.sets is not None and serving_models is not None:
+            self.control.base_model_name = serving_models.base_model_paths[0].name
+            list_sets_in_models(serving_models, self.control.sets)
         state.steering = self.control
 
     async def get(self, request: Request) -> JSONResponse:
@@ -70,6 +90,14 @@ class SteeringEndpoint:
     async def put(self, request: Request) -> JSONResponse:
         """Swap the steering vectors in place: safetensors bytes in the body, or JSON {"file": NAME}."""
         return await _answer(lambda: self._control().put(request))
+
+    async def put_set(self, name: str, request: Request) -> JSONResponse:
+        """Add or replace steering set ``name``: safetensors bytes in the body, or JSON {"file": NAME}."""
+        return await _answer(lambda: self._control().put(request, set_name=name))
+
+    async def delete_set(self, name: str, request: Request) -> JSONResponse:
+        """Remove steering set ``name``; requests already running with it keep their vectors."""
+        return await _answer(lambda: self._control().delete_set(name))
 
     def _control(self) -> SteeringControl:
         if self.control is None:
@@ -92,6 +120,8 @@ class SteeringControl:
         # Our file is 4 bytes per value plus a small header; readers also take float64, so allow twice that.
         self.max_body_bytes = 8 * text_config.num_hidden_layers * text_config.hidden_size + (1 << 20)
         self.active_hash: str | None = None
+        self.sets = steering_sets(engine)
+        self.base_model_name = self.model_config.model
         self._lock = asyncio.Lock()
 
     def not_steered_message(self) -> str:
@@ -99,6 +129,8 @@ class SteeringControl:
         return f"model {self.model_config.model} ({architectures}) is not served with steering"
 
     async def status(self) -> dict:
+        if self.sets is not None:  # each request's own configuration is in its x-steering-hash
+            return self.sets.status()
         statuses = await self.engine.collective_rpc("steering_status")
         hashes = {s["content_hash"] for s in statuses}
         if len(hashes) != 1:
@@ -106,7 +138,9 @@ class SteeringControl:
         self.active_hash = statuses[0]["content_hash"]
         return statuses[0]
 
-    async def put(self, request: Request) -> dict:
+    async def put(self, request: Request, set_name: str | None = None) -> dict:
+        if set_name is not None:
+            self._check_set_name(set_name)
         scale = _scale(request.query_params.get("scale"))
         if _content_type(request) == "application/json":
             vectors = await self._from_file(await _read_body(request, MAX_JSON_BYTES), scale)
@@ -114,12 +148,29 @@ class SteeringControl:
             vectors = _from_body(await _read_body(request, self.max_body_bytes), scale)
         async with self._lock:
             try:
-                await update_steering_async(self.engine, vectors)
+                await update_steering_async(self.engine, vectors, name=set_name)
             except SteeringVectorsError as e:
                 raise HTTPProblem(400, str(e)) from None
             except Exception as e:  # the engine failed the swap: say so, and report what is active now
                 raise HTTPProblem(500, f"swap failed: {type(e).__name__}: {e}", "InternalServerError") from None
             return await self.status()
+
+    async def delete_set(self, name: str) -> dict:
+        self._check_set_name(name)
+        async with self._lock:
+            try:
+                remove_steering(self.engine, name)
+            except KeyError as e:
+                raise HTTPProblem(404, str(e.args[0]), "NotFoundError") from None
+            return await self.status()
+
+    def _check_set_name(self, name: str) -> None:
+        if self.sets is None:
+            raise HTTPProblem(409, NO_SETS_MESSAGE, "ConflictError")
+        try:
+            check_set_name(name)
+        except ValueError as e:
+            raise HTTPProblem(400, str(e)) from None
 
     async def _from_file(self, body: bytes, scale: float | None) -> SteeringVectors:
         try:
@@ -171,23 +222,119 @@ class HashHeaderMiddleware:
         active = control.active_hash if control is not None else None
         if scope["type"] != "http" or active is None:
             return await self.app(scope, receive, send)
-        header = (HASH_HEADER.encode(), active.encode())
+        return await self.app(scope, receive, _with_header(send, (HASH_HEADER.encode(), active.encode())))
 
-        async def send_with_hash(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), header]}
-            await send(message)
 
-        return await self.app(scope, receive, send_with_hash)
+class SetAsModelMiddleware:
+    """Per-request sets on the OpenAI routes. A completion naming a steering set in ``model`` is served by the
+    base model with that set, the way vLLM serves a LoRA adapter named there: the JSON body is rewritten to
+    the base model's name with ``vllm_xargs.steering`` set. The choice is resolved on arrival, so a bad one
+    is answered 400 at once, and the response's ``x-steering-hash`` is the configuration it resolved to."""
+
+    def __init__(self, app, endpoint: SteeringEndpoint):
+        self.app = app
+        self.endpoint = endpoint
+
+    async def __call__(self, scope, receive, send):
+        control = self.endpoint.control
+        sets = control.sets if control is not None else None
+        generation = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATION_ROUTES
+        if sets is None or not generation:
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message], receive), send)
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            rewritten, xargs = _with_set_from_model(body, sets, control.base_model_name)
+            configuration = sets.resolve(xargs) if xargs is not None else None
+        except HTTPProblem as e:
+            return await _problem(e)(scope, _replay([], receive), send)
+        except ValueError as e:
+            return await _problem(HTTPProblem(400, str(e)))(scope, _replay([], receive), send)
+        if rewritten is not body:
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+            scope = {**scope, "headers": [*headers, (b"content-length", str(len(rewritten)).encode())]}
+        if configuration is not None:
+            send = _with_header(send, (HASH_HEADER.encode(), configuration.content_hash.encode()))
+        return await self.app(
+            scope, _replay([{"type": "http.request", "body": rewritten, "more_body": False}], receive), send
+        )
+
+
+def _with_set_from_model(body: bytes, sets, base_name: str) -> tuple[bytes, dict | None]:
+    """(``body`` with a set named in ``model`` moved into ``vllm_xargs``, the request's ``vllm_xargs``); the
+    body unchanged (and None) when it is not a JSON object vLLM would accept."""
+    try:
+        request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return body, None  # vLLM answers malformed JSON itself
+    xargs = request.get("vllm_xargs") if isinstance(request, dict) else None
+    if not isinstance(request, dict) or not isinstance(xargs or {}, dict):
+        return body, None
+    xargs = dict(xargs or {})
+    name = request.get("model")
+    if not isinstance(name, str) or name not in sets.sets:
+        return body, xargs
+    if CHOICE_KEY in xargs and xargs[CHOICE_KEY] != name:
+        raise HTTPProblem(400, f"model names steering set {name!r} but vllm_xargs.steering is {xargs[CHOICE_KEY]!r}")
+    xargs[CHOICE_KEY] = name
+    return json.dumps({**request, "model": base_name, "vllm_xargs": xargs}).encode(), xargs
+
+
+def _with_header(send, header: tuple[bytes, bytes]):
+    async def send_with_header(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), header]}
+        await send(message)
+
+    return send_with_header
+
+
+def _replay(messages, receive):
+    """``receive`` with ``messages`` (already read from it) given back first; then the client's own messages,
+    so a handler that listens for the disconnect (vLLM's do) waits for the real one."""
+    pending = list(messages)
+
+    async def replayed():
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+def list_sets_in_models(serving_models, sets) -> None:
+    """Make ``/v1/models`` list each steering set after the base model (and any LoRA adapters)."""
+    from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
+
+    show = serving_models.show_available_models
+    base = serving_models.base_model_paths[0].name
+
+    async def show_available_models():
+        models = await show()
+        for name, vectors in sorted(sets.sets.items()):
+            models.data.append(ModelCard(id=name, root=vectors.source, parent=base, permission=[ModelPermission()]))
+        return models
+
+    serving_models.show_available_models = show_available_models
+
+
+def _problem(e: HTTPProblem) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": str(e), "type": e.kind, "param": None, "code": e.status}}, status_code=e.status
+    )
 
 
 async def _answer(action) -> JSONResponse:
     try:
         return JSONResponse(await action())
     except HTTPProblem as e:
-        return JSONResponse(
-            {"error": {"message": str(e), "type": e.kind, "param": None, "code": e.status}}, status_code=e.status
-        )
+        return _problem(e)
 
 
 def _content_type(request: Request) -> str:
