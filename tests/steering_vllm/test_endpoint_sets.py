@@ -3,6 +3,7 @@ client picks a set by `model` or `vllm_xargs`; sets listed in /v1/models; PUT / 
 a stream that spans a replacement of its set keeps the vectors it was admitted with."""
 
 import threading
+import time
 
 import openai
 import pytest
@@ -157,3 +158,38 @@ def test_a_stream_spanning_a_replacement_of_its_set_keeps_its_vectors(server, cl
         assert after["hash"] == A2.content_hash()
     finally:
         requests.put(f"{server}/v1/steering/sets/a", data=A.to_bytes(), headers=AUTH, timeout=60)
+
+
+def test_a_new_configuration_waits_for_a_free_row_when_all_are_taken(server, client, tiny_model_dirs):
+    """max_steering_configs is 4: four streams hold four configurations; a fifth configuration is served only
+    after one of them ends, and with its own vectors."""
+    model_dir = str(tiny_model_dirs["qwen2"])
+    prompt = random_prompts(1, 50, VOCAB_SIZE, seed=47)[0]
+    holders = [{"steering": "a"}, {"steering": "b"}, {"steering": "a", "steering_scale": 0.5}]
+    holders.append({"steering": "b", "steering_scale": 0.5})
+    started, ended = threading.Barrier(len(holders) + 1), []
+
+    def hold(xargs):
+        stream = client.completions.create(
+            model=model_dir,
+            prompt=prompt,
+            max_tokens=300,
+            stream=True,
+            extra_body={"vllm_xargs": xargs, **GREEDY["extra_body"]},
+            temperature=0,
+        )
+        for i, _ in enumerate(stream):
+            if i == 0:
+                started.wait(120)
+        ended.append(time.monotonic())
+
+    threads = [threading.Thread(target=hold, args=(xargs,)) for xargs in holders]
+    for thread in threads:
+        thread.start()
+    started.wait(120)  # all four configurations are live
+    waiting = _completion(client, model_dir, prompt, vllm_xargs={"steering": "a", "steering_scale": 0.25})
+    served_at = time.monotonic()
+    for thread in threads:
+        thread.join(300)
+    assert len(ended) == len(holders) and served_at > min(ended)
+    _assert_served(model_dir, SteeringVectors.from_tensor(0.25 * A.to_tensor()), prompt, waiting)

@@ -58,3 +58,49 @@ def test_vectors_for_an_unsupported_architecture_are_refused(tiny_model_dirs, tm
     args = EngineArgs(model=str(model_dir), max_model_len=256, additional_config={"steering_vectors": str(path)})
     with pytest.raises(ValueError, match=r"v\.safetensors: model .*phi3 is \['Phi3ForCausalLM'\]; steering supp"):
         args.create_engine_config()
+
+
+def test_set_flags_reach_additional_config(parser, tmp_path):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    a = SteeringVectors.from_tensor(torch.randn(2, 8)).save(tmp_path / "a.safetensors")
+    b = SteeringVectors.from_tensor(torch.randn(2, 8)).save(tmp_path / "b.safetensors")
+    argv = ["--model", "m", "--steering-sets", f"a={a}", f"b.v2={b}", "--max-steering-configs", "8"]
+    engine_args = AsyncEngineArgs.from_cli_args(parser.parse_args(argv))
+    assert engine_args.additional_config == {"steering_sets": {"a": str(a), "b.v2": str(b)}, "max_steering_configs": 8}
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("a", "'a': give NAME=PATH"),
+        ("none={path}", "'none' is reserved"),
+        ("a b={path}", "'a b' is malformed"),
+        ("a={missing}", "file not found"),
+    ],
+)
+def test_bad_set_flags_are_refused_when_parsed(parser, tmp_path, capsys, value, message):
+    path = SteeringVectors.zeros(2, 8).save(tmp_path / "v.safetensors")
+    value = value.format(path=path, missing=tmp_path / "missing.safetensors")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--steering-sets", value])
+    assert message in capsys.readouterr().err
+
+
+def test_a_set_name_given_twice_is_refused(parser, tmp_path):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    path = SteeringVectors.zeros(2, 8).save(tmp_path / "v.safetensors")
+    args = parser.parse_args(["--model", "m", "--steering-sets", f"a={path}", f"a={path}"])
+    with pytest.raises(ValueError, match=r"--steering-sets names \['a'\] more than once"):
+        AsyncEngineArgs.from_cli_args(args)
+
+
+def test_sets_that_do_not_fit_the_model_are_refused_before_any_worker_starts(tiny_model_dirs, tmp_path):
+    from vllm.engine.arg_utils import EngineArgs
+
+    path = SteeringVectors.zeros(4, 64).save(tmp_path / "narrow.safetensors")
+    config = {"steering_sets": {"narrow": str(path)}}
+    args = EngineArgs(model=str(tiny_model_dirs["qwen2"]), max_model_len=256, additional_config=config)
+    with pytest.raises(ValueError, match="steering set 'narrow': .*hidden_size 64 does not match the model's 128"):
+        args.create_engine_config()

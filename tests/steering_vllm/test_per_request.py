@@ -1,7 +1,9 @@
-"""Per-request steering in the real engine (``vllm.LLM``; eager and compiled, prefix cache on): named sets side
-by side, chosen per request in one batch, each request served exactly what the HF-hooks reference gives under
-the vectors it chose; the prefix cache shared within a configuration and never across; sets added, replaced
-and removed at run time; bad choices and too many configurations refused without harm."""
+"""Per-request steering in the real engine (``vllm.LLM``; eager, compiled, tensor parallel 2; prefix cache on):
+named sets side by side, chosen per request in one batch, each request served exactly what the HF-hooks
+reference gives under the vectors it chose; the prefix cache shared within a configuration and never across;
+sets added, replaced and removed at run time; bad choices and too many configurations refused without harm."""
+
+import os
 
 import pytest
 import torch
@@ -45,13 +47,21 @@ def _generate(llm, prompts, choices):
     return results
 
 
-@pytest.fixture(scope="module", params=["compiled", "eager"])
+@pytest.fixture(scope="module", params=["compiled", "eager", "tp2-eager"])
 def served(request, tiny_model_dirs, tmp_path_factory):
+    tp = 2 if request.param.startswith("tp2") else 1
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tp:
+        pytest.skip(f"tensor parallel {tp} needs {tp} cores")
     directory = tmp_path_factory.mktemp("sets")
     model_dir = tiny_model_dirs["qwen2"]
+    monkeypatch = pytest.MonkeyPatch()
+    if tp > 1:  # two ranks, one core each
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core) for core in cores[:tp]))
     llm = start_engine(
         model_dir,
-        enforce_eager=request.param == "eager",
+        enforce_eager=request.param != "compiled",
+        tensor_parallel_size=tp,
         additional_config={
             "steering_vectors": str(DEFAULT.save(directory / "default.safetensors")),
             "steering_sets": {
@@ -114,6 +124,7 @@ def served(request, tiny_model_dirs, tmp_path_factory):
     run["after_errors"] = _generate(llm, [p], [{"steering": "c"}])[0]
     run["status"] = llm.collective_rpc("steering_rows_status")
     shutdown(llm)
+    monkeypatch.undo()
     run["model_dir"] = model_dir
     return run
 
@@ -165,9 +176,10 @@ def test_bad_choices_are_refused_before_scheduling_and_change_nothing(served):
     _assert_served(served, served["after_errors"], C.to_tensor(), served["mixed_prompts"][0])
 
 
-def test_every_row_holds_exactly_its_configurations_vectors(served):
-    (status,) = served["status"]
-    assert status["rows"]
-    for entry in status["rows"].values():
+def test_every_row_holds_exactly_its_configurations_vectors_on_every_rank(served):
+    first, *others = served["status"]
+    assert first["rows"]
+    for entry in first["rows"].values():
         assert entry["buffer_hash"] == entry["content_hash"]
         assert entry["requests"] == 0  # nothing is running now
+    assert all(status == first for status in others)  # tensor-parallel ranks agree on every row
