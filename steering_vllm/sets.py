@@ -210,12 +210,9 @@ class SteeringSets:
     # ---- what GET /v1/steering reports -----------------------------------------------------------------------
 
     def status(self) -> dict:
-        def describe(vectors: SteeringVectors) -> dict:
-            return {**vectors.summary(), "content_hash": vectors.content_hash()}
-
         return {
-            "default": describe(self.default),
-            "sets": {name: describe(vectors) for name, vectors in sorted(self.sets.items())},
+            "default": self.default.summary(),
+            "sets": {name: vectors.summary() for name, vectors in sorted(self.sets.items())},
             "max_steering_configs": self.max_configs,
             "live_configurations": {key: count for key, count in self._users.items()},
         }
