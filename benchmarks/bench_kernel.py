@@ -1,136 +1,314 @@
-"""Kernel micro-benchmark of the fused add + steer + RMSNorm op on CPU.
+"""Kernel micro-benchmark of the fused add + steer + RMSNorm op on CPU, against fair baselines.
 
-Every row is measured side by side in one run, samples interleaved between the
-contenders (round-robin), medians reported:
+Forward, in place (the engine's form): every contender overwrites hidden and residual.
+  ours      torch.ops.steering.fused_add_steer_rms_norm_, the call the vLLM plugin makes
+  vllm      vLLM's fused_add_rms_norm from vLLM's library for the same ISA: the same work minus the vector
+  naive     steering done naively: residual += vector, then vLLM's op
+  eager     the reference written in place in eager torch
+  compiled  torch.compile of that in-place reference (Inductor fuses it into one loop)
+  ref       the bandwidth reference: swaps hidden and residual in place, row by row with the op's threading
+            (it reads both and writes both back, exactly the op's bytes, and does no arithmetic)
+Backward (d_hidden = d_residual and d_table; the weight frozen, as in training):
+  ours      the backward op
+  eager     torch autograd through the eager reference
+  compiled  the backward of torch.compile of the reference (AOTAutograd + Inductor)
 
-  forward (in place, the engine's form), per (T, d, dtype):
-    ours        kernels.fused_add_steer_rms_norm_ (C++ op)
-    vllm        vLLM's CPU fused_add_rms_norm: the same work minus the steering bias
-    naive       steering done naively: residual += vector, then vLLM's op
-    eager       the torch reference, eager (add, add, RMSNorm)
-    compiled    torch.compile of the reference
-    copy        a plain tensor copy of the same bytes (read 2*T*d, write 2*T*d)
-  backward (d_hidden/d_residual and d_table; weight frozen, as in training):
-    ours        the backward op
-    autograd    torch autograd through the eager reference
+Cache: "hot" calls run again and again on one set of buffers (kept in cache where they fit); "cold" calls walk
+through a pool of sets 4x the size of the last-level cache, so every call finds its rows in DRAM (while the
+threads stay busy, as between an engine's layers).
 
-  python -m benchmarks.bench_kernel                 # the full table (about 2 minutes on 2 cores)
-  python -m benchmarks.bench_kernel --quick         # T in {16, 4096}, d=3584 only
+Medians over samples interleaved across the contenders. Ratios are time(other) / time(ours): above 1, ours is
+faster. "of ref" is time(ref) / time(ours) for the forward (the share of the reference's bandwidth it reaches)
+and the same per byte for the backward, which moves 3 T d elements (dy, x in; g out) to the reference's 4.
+
+  python -m benchmarks.bench_kernel                 # each ISA this CPU runs (AVX2, AVX512, AVX512_BF16)
+  python -m benchmarks.bench_kernel --isa AVX2      # one ISA: our variant and vLLM's, loaded in this process
+  python -m benchmarks.bench_kernel --quick         # T in {16, 4096}, d = 3584
 """
 
 import argparse
+import importlib
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
-import torch
-
-from kernels import fused_add_steer_rms_norm_, fused_add_steer_rms_norm_reference
-
 EPS = 1e-6
+# vLLM for CPU ships one library per ISA; each registers torch.ops._C, so one per process
+VLLM_LIBRARY = {"AVX512_BF16": "vllm._C", "AVX512": "vllm._C_AVX512", "AVX2": "vllm._C_AVX2"}
+FORWARD = ("ours", "vllm", "naive", "eager", "compiled", "ref")
+BACKWARD = ("ours", "eager", "compiled", "ref")
 
 
-def interleaved_medians(fns: dict, samples: int, min_sample_seconds: float = 2e-3) -> dict[str, float]:
-    """Median seconds per call of each fn; each sample times enough calls to last min_sample_seconds."""
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest CPU cache's size from sysfs (where there is none: 32 MiB)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    sizes = []
+    try:
+        for entry in os.listdir(base):
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip()
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    except (OSError, ValueError):
+        pass
+    return max(sizes, default=default)
+
+
+def interleaved_medians(fns: dict, sets: list, samples: int, min_sample_seconds: float = 2e-3) -> dict[str, float]:
+    """Median seconds per call of each fn(buffer_set), samples interleaved between the contenders.
+
+    A sample is back-to-back calls lasting about min_sample_seconds that walk through the buffer sets in
+    turn (at least once around): with one set the data stays in cache (hot); with a pool larger than the
+    last-level cache every call finds its rows in DRAM, while the threads stay as busy as in an engine.
+    """
     calls = {}
     for name, fn in fns.items():
-        fn()  # warm up (and compile)
+        for buffers in sets[:2]:
+            fn(buffers)  # warm up (and compile)
         start = time.perf_counter()
-        fn()
+        fn(sets[-1])
         once = max(time.perf_counter() - start, 1e-7)
-        calls[name] = max(1, int(min_sample_seconds / once))
+        calls[name] = max(len(sets), int(min_sample_seconds / once))
     times = {name: [] for name in fns}
     for _ in range(samples):
         for name, fn in fns.items():
-            n = calls[name]
             start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            times[name].append((time.perf_counter() - start) / n)
+            for i in range(calls[name]):
+                fn(sets[i % len(sets)])
+            times[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def forward_contenders(T: int, d: int, dtype: torch.dtype, compiled_reference) -> tuple[dict, int]:
-    hidden, residual = torch.randn(T, d, dtype=dtype), torch.randn(T, d, dtype=dtype)
-    table, weight = torch.randn(1, d) * 0.01, torch.ones(d, dtype=dtype)
+def pool_size(cache: str, set_bytes: int) -> int:
+    """Buffer sets for a row: one (hot), or enough to span 4x the last-level cache (cold, at least 2)."""
+    return 1 if cache == "hot" else max(2, -(-4 * last_level_cache_bytes() // set_bytes))
+
+
+def reference_(hidden, residual, table, weight, eps):
+    """The op written in place in plain torch (row 0 of the table, as the global path)."""
+    import torch
+
+    x = hidden.float() + residual.float() + table[0]
+    residual.copy_(x)
+    hidden.copy_(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float())
+
+
+def compile_inplace_reference():
+    """torch.compile(reference_), called with Inductor's CPU outer-loop fusion off.
+
+    torch 2.13's Inductor fails on this graph (KeyError 'buf2' in try_outer_loop_fusion_with_local_buf, both
+    inputs mutated after a row reduction); without that one fusion it generates the fused loops. Off only
+    while this function runs, so the other compiled contenders keep it.
+    """
+    import contextlib
+
+    import torch
+    from torch._inductor.codegen.cpp import CppScheduling
+
+    compiled = torch.compile(reference_)
+    original = CppScheduling.can_fuse_vertical_outer_loop
+
+    @contextlib.contextmanager
+    def no_outer_loop_fusion():
+        CppScheduling.can_fuse_vertical_outer_loop = lambda self, node1, node2: False
+        try:
+            yield
+        finally:
+            CppScheduling.can_fuse_vertical_outer_loop = original
+
+    def call(*args):
+        with no_outer_loop_fusion():
+            return compiled(*args)
+
+    return call
+
+
+def forward_contenders(T, d, dtype, compiled_reference_, with_vllm: bool, n_sets: int) -> tuple[dict, list]:
+    """({name: fn(buffers)}, buffer sets); each fn overwrites its set's hidden and residual."""
+    import torch
+
+    sets = [(torch.randn(T, d, dtype=dtype), torch.randn(T, d, dtype=dtype)) for _ in range(n_sets)]
+    table = torch.randn(1, d) * 0.01
+    weight = (1 + 0.1 * torch.randn(d)).to(dtype)
     vector = table[0].to(dtype)
-    copy_src, copy_dst = torch.randn(2 * T * d, dtype=dtype), torch.empty(2 * T * d, dtype=dtype)
-    # The in-place ops run again and again on the same buffers: residual grows by
-    # about one unit per call, harmless for the thousands of calls made here.
-    fns = {
-        "ours": lambda: fused_add_steer_rms_norm_(hidden, residual, table, None, weight, EPS),
-        "vllm": lambda: torch.ops._C.fused_add_rms_norm(hidden, residual, weight, EPS),
-        "naive": lambda: (residual.add_(vector), torch.ops._C.fused_add_rms_norm(hidden, residual, weight, EPS)),
-        "eager": lambda: fused_add_steer_rms_norm_reference(hidden, residual, table, None, weight, EPS),
-        "compiled": lambda: compiled_reference(hidden, residual, table, None, weight, EPS),
-        "copy": lambda: copy_dst.copy_(copy_src),
-    }
-    return fns, 4 * T * d * hidden.element_size()
+    ops = torch.ops
+    # In place, again and again on the same buffers: the residual grows by about one unit a call, harmless here.
+    fns = {"ours": lambda b: ops.steering.fused_add_steer_rms_norm_(b[0], b[1], table, None, weight, EPS)}
+    if with_vllm:
+        fns["vllm"] = lambda b: ops._C.fused_add_rms_norm(b[0], b[1], weight, EPS)
+        fns["naive"] = lambda b: (b[1].add_(vector), ops._C.fused_add_rms_norm(b[0], b[1], weight, EPS))
+    fns["eager"] = lambda b: reference_(b[0], b[1], table, weight, EPS)
+    fns["compiled"] = lambda b: compiled_reference_(b[0], b[1], table, weight, EPS)
+    fns["ref"] = lambda b: ops.steering.bandwidth_reference_(b[0], b[1])
+    return fns, sets
 
 
-def backward_contenders(T: int, d: int, dtype: torch.dtype) -> dict:
-    hidden, residual = torch.randn(T, d, dtype=dtype), torch.randn(T, d, dtype=dtype)
-    table, weight = (torch.randn(1, d) * 0.01).requires_grad_(), torch.ones(d, dtype=dtype)
-    grad_y = torch.randn(T, d, dtype=dtype)
-    _, residual_out, rstd = torch.ops.steering.fused_add_steer_rms_norm_fwd(hidden, residual, table, None, weight, EPS)
-    leaves = [hidden.clone().requires_grad_(), residual.clone().requires_grad_(), table]
-    y_ref, _ = fused_add_steer_rms_norm_reference(*leaves, None, weight, EPS)
+def backward_contenders(T, d, dtype, compiled_reference, n_sets: int) -> tuple[dict, list]:
+    """({name: fn(buffers)}, buffer sets); eager and compiled keep one autograd graph per set."""
+    import torch
+
+    from kernels import fused_add_steer_rms_norm_reference
+
+    table = (torch.randn(1, d) * 0.01).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(d)).to(dtype)
+    sets = []
+    for _ in range(n_sets):
+        hidden, residual = torch.randn(T, d, dtype=dtype), torch.randn(T, d, dtype=dtype)
+        grad_y = torch.randn(T, d, dtype=dtype)
+        _, residual_out, rstd = torch.ops.steering.fused_add_steer_rms_norm_fwd(
+            hidden, residual, table, None, weight, EPS
+        )
+        leaves = [hidden.requires_grad_(), residual.requires_grad_(), table]
+        y_eager, _ = fused_add_steer_rms_norm_reference(*leaves, None, weight, EPS)
+        y_compiled, _ = compiled_reference(*leaves, None, weight, EPS)
+        sets.append(
+            dict(grad_y=grad_y, x=residual_out, rstd=rstd, leaves=leaves, y_eager=y_eager, y_compiled=y_compiled)
+        )
+    ops = torch.ops.steering
     return {
-        "ours": lambda: torch.ops.steering.fused_add_steer_rms_norm_bwd(
-            grad_y, None, residual_out, rstd, None, weight, 1, True, False
+        "ours": lambda b: ops.fused_add_steer_rms_norm_bwd(
+            b["grad_y"], None, b["x"], b["rstd"], None, weight, 1, True, False
         ),
-        "autograd": lambda: torch.autograd.grad(y_ref, leaves, grad_y, retain_graph=True),
-    }
+        "eager": lambda b: torch.autograd.grad(b["y_eager"], b["leaves"], b["grad_y"], retain_graph=True),
+        "compiled": lambda b: torch.autograd.grad(b["y_compiled"], b["leaves"], b["grad_y"], retain_graph=True),
+        "ref": lambda b: ops.bandwidth_reference_(b["x"], b["grad_y"]),
+    }, sets
+
+
+def load_vllm_library(isa: str) -> bool:
+    """Load vLLM's CPU library built for `isa` (registers torch.ops._C); False where there is none."""
+    module = VLLM_LIBRARY.get(isa)
+    if module is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        # vLLM names its per-ISA libraries _C_<ISA> but their module _C: the import
+        # complains after the library has loaded (vllm/platforms/cpu.py ignores it too)
+        if "module export function" not in str(e):
+            raise
+    return True
+
+
+def run_isa(args) -> dict:
+    """Every row for the ISA of this process (our variant chosen through $STEERING_VLLM_CPU_ISA)."""
+    import torch
+
+    from kernels import fused_add_steer_rms_norm_reference
+
+    isa = torch.ops.steering.cpu_capability()
+    with_vllm = load_vllm_library(isa)
+    compiled_reference_ = compile_inplace_reference()
+    # the backward is timed again and again on one graph (retain_graph), which donated buffers forbid
+    torch._functorch.config.donated_buffer = False
+    compiled_reference = torch.compile(fused_add_steer_rms_norm_reference)
+    results = {"isa": isa, "threads": torch.get_num_threads(), "forward": [], "backward": []}
+    for kind, names in (("forward", FORWARD), ("backward", BACKWARD)):
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            for d in args.hidden:
+                for T in args.tokens:
+                    for cache in args.cache:
+                        set_bytes = (2 if kind == "forward" else 3) * T * d * dtype.itemsize
+                        n_sets = pool_size(cache, set_bytes)
+                        if kind == "forward":
+                            fns, sets = forward_contenders(T, d, dtype, compiled_reference_, with_vllm, n_sets)
+                        else:
+                            fns, sets = backward_contenders(T, d, dtype, compiled_reference, n_sets)
+                        t = interleaved_medians(fns, sets, args.samples)
+                        del fns, sets
+                        row = {"cache": cache, "dtype": dtype_name, "T": T, "d": d, **{n: t.get(n) for n in names}}
+                        results[kind].append(row)
+                        print(
+                            f"{isa} {kind} {cache} {dtype_name} T={T} d={d} ({n_sets} sets): "
+                            f"ours {t['ours'] * 1e6:.1f} us, ref {t['ref'] * 1e6:.1f} us",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+    return results
+
+
+def _ratio(row: dict, name: str) -> str:
+    return "-" if row.get(name) is None else f"{row[name] / row['ours']:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    aligns = ["---" if h in ("ISA", "cache", "dtype") else "--:" for h in header]
+    return ["| " + " | ".join(cells) + " |" for cells in (header, aligns, *rows)]
+
+
+def render(all_results: list[dict]) -> str:
+    """The README's two tables: forward and backward, a row group per ISA."""
+    forward, backward = [], []
+    for res in all_results:
+        for r in res["forward"]:
+            nbytes = 4 * r["T"] * r["d"] * (2 if r["dtype"] in ("bfloat16", "float16") else 4)
+            first = [res["isa"], r["cache"], r["dtype"], str(r["T"]), str(r["d"]), f"{r['ours'] * 1e6:.1f}"]
+            forward.append(first + [f"{nbytes / r['ours'] / 1e9:.1f}"] + [_ratio(r, n) for n in FORWARD[1:][::-1]])
+        for r in res["backward"]:
+            nbytes = 3 * r["T"] * r["d"] * (2 if r["dtype"] in ("bfloat16", "float16") else 4)
+            first = [res["isa"], r["cache"], r["dtype"], str(r["T"]), str(r["d"]), f"{r['ours'] * 1e6:.1f}"]
+            of_ref = f"{0.75 * r['ref'] / r['ours']:.2f}"  # per byte: ours moves 3 T d elements, the swap 4 T d
+            backward.append(
+                first + [f"{nbytes / r['ours'] / 1e9:.1f}", of_ref, _ratio(r, "eager"), _ratio(r, "compiled")]
+            )
+    head = ["ISA", "cache", "dtype", "T", "d", "ours µs", "ours GB/s"]
+    lines = [
+        "Forward, in place: GB/s = 4 T d bytes / time; of ref, vs X = time(X) / time(ours): above 1, ours is faster"
+    ]
+    lines += [""] + _table(head + ["of ref", "vs compiled", "vs eager", "vs naive", "vs vllm"], forward)
+    lines += ["", "Backward (d_hidden = d_residual, d_table): GB/s = 3 T d bytes / time; of ref per byte", ""]
+    lines += _table(head + ["of ref", "vs eager", "vs compiled"], backward)
+    return "\n".join(lines)
+
+
+def runnable_isas() -> list[str]:
+    """The vector ISAs that both our build and this CPU have (DEFAULT has no vLLM counterpart)."""
+    from kernels import cpu_isa, cpu_op
+
+    built = cpu_op.built_capabilities()
+    return [c for c in cpu_isa.CAPABILITIES if c != "DEFAULT" and c in built and cpu_isa.supported(c)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 512, 4096])
+    parser.add_argument("--isa", default="all", help="AVX2, AVX512, AVX512_BF16, DEFAULT or all (default)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 512, 4096])
     parser.add_argument("--hidden", type=int, nargs="+", default=[1536, 3584, 5120])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
-    parser.add_argument("--samples", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="T in {16, 4096}, d=3584")
+    parser.add_argument("--cache", nargs="+", default=["hot", "cold"], choices=["hot", "cold"])
+    parser.add_argument("--samples", type=int, default=11)
+    parser.add_argument("--quick", action="store_true", help="T in {16, 4096}, d = 3584")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON (used between processes)")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.hidden = [16, 4096], [3584]
 
-    import vllm._custom_ops  # noqa: F401  registers torch.ops._C (vLLM's CPU ops)
+    if args.isa != "all":
+        os.environ["STEERING_VLLM_CPU_ISA"] = args.isa.upper()  # read when kernels loads its library
+        results = run_isa(args)
+        print(json.dumps(results) if args.json else render([results]), flush=True)
+        return
 
-    # default dynamic: specialises on the first shape, then recompiles once with dynamic sizes
-    compiled_reference = torch.compile(fused_add_steer_rms_norm_reference)
+    all_results = []
+    forwarded = ["--samples", str(args.samples), "--dtypes", *args.dtypes, "--cache", *args.cache]
+    forwarded += ["--tokens", *map(str, args.tokens), "--hidden", *map(str, args.hidden)]
+    for isa in runnable_isas():
+        print(f"--- {isa}", file=sys.stderr, flush=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.bench_kernel", "--isa", isa, "--json", *forwarded],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        ).stdout
+        all_results.append(json.loads(out.strip().splitlines()[-1]))
+    import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.samples} interleaved samples")
-    print("\nForward, in place. GB/s = 4*T*d*bytes / time; ratios are time / time(ours) (>1: ours is faster)")
-    header = f"{'dtype':<9}{'T':>6}{'d':>6}{'ours us':>10}{'ours GB/s':>10}{'copy GB/s':>10}" + "".join(
-        f"{name:>10}" for name in ("vs vllm", "vs naive", "vs eager", "vs compile", "of copy")
-    )
-    print(header)
-    rows = []
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        for d in args.hidden:
-            for T in args.tokens:
-                fns, nbytes = forward_contenders(T, d, dtype, compiled_reference)
-                t = interleaved_medians(fns, args.samples)
-                rows.append((dtype_name, T, d, t))
-                print(
-                    f"{dtype_name:<9}{T:>6}{d:>6}{t['ours'] * 1e6:>10.1f}{nbytes / t['ours'] / 1e9:>10.1f}"
-                    f"{nbytes / t['copy'] / 1e9:>10.1f}{t['vllm'] / t['ours']:>10.2f}{t['naive'] / t['ours']:>10.2f}"
-                    f"{t['eager'] / t['ours']:>10.2f}{t['compiled'] / t['ours']:>10.2f}{t['copy'] / t['ours']:>10.2f}",
-                    flush=True,
-                )
-
-    print("\nBackward (d_hidden = d_residual, d_table). ratio = time(autograd of the reference) / time(ours)")
-    print(f"{'dtype':<9}{'T':>6}{'d':>6}{'ours us':>10}{'autograd us':>13}{'ratio':>8}")
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        for d in args.hidden:
-            for T in args.tokens:
-                t = interleaved_medians(backward_contenders(T, d, dtype), args.samples)
-                print(
-                    f"{dtype_name:<9}{T:>6}{d:>6}{t['ours'] * 1e6:>10.1f}{t['autograd'] * 1e6:>13.1f}"
-                    f"{t['autograd'] / t['ours']:>8.2f}",
-                    flush=True,
-                )
+    print(f"torch {torch.__version__}, {all_results[0]['threads']} threads, medians of {args.samples} samples")
+    print(render(all_results))
 
 
 if __name__ == "__main__":

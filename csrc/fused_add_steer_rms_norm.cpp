@@ -7,9 +7,9 @@
 // Triton; kernels/fused_add_steer_rms_norm.py adds the CUDA (Triton) kernels,
 // the fake kernels and autograd to the same ops.
 //
-// Each row is read from memory once: the fp32 sum x goes to a per-thread row
-// buffer (in L1/L2 for any realistic hidden size) while the sum of squares
-// accumulates, and the second sweep reads that buffer, not DRAM.
+// Each row is read from memory once: the first sweep writes residual_out and
+// sums squares, the second reads residual_out back from L1/L2 (a row is at
+// most a few tens of KB) and writes y.
 //
 // Built once per ISA (setup.py sets CPU_CAPABILITY, the matching -m flags and
 // the module name kernels._C_<ISA>); at::vec::Vectorized gives the vector width.
@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace steering {
@@ -51,25 +52,80 @@ inline void load_chunk(const T* p, N n, aVec* out) {
     out[0] = n == aVec::size() ? aVec::loadu(p) : aVec::loadu(p, n);
   } else {
     using bVec = at::vec::Vectorized<T>;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, c10::BFloat16> && !std::is_same_v<N, int64_t>) {
+      // a full chunk: widen each half straight from memory (zero-extend, shift
+      // into the high half), two ops a vector where ATen's loads the whole
+      // chunk and extracts the upper half first
+      constexpr int64_t W = aVec::size();
+      for (int k = 0; k < 2; ++k) {
+#if defined(CPU_CAPABILITY_AVX512)
+        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * W)));
+        out[k] = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+#else
+        const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k * W)));
+        out[k] = _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+#endif
+      }
+      return;
+    }
+#endif
     bVec b = n == bVec::size() ? bVec::loadu(p) : bVec::loadu(p, n);
     std::tie(out[0], out[1]) = at::vec::convert_to_float<T>(b);
   }
 }
 
-template <typename T, typename N, typename aVec = typename ChunkOf<T>::aVec>
+// fp32 -> bf16 bits, round to nearest even, as four integer ops per vector:
+// ATen's conversion also tests every lane for NaN and blends (six ops), which
+// made the AVX2 forward compute-bound at 0.8x vLLM's truncating op. Exact for
+// every finite value, the infinities, and every NaN whose low 16 bits are zero
+// (then the rounding increment cannot carry out of the mantissa); callers
+// make sure no other NaN reaches it (forward_row).
+#if defined(CPU_CAPABILITY_AVX512) && !defined(__AVX512BF16__)
+inline __m256i bf16_bits_rne(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256i bf16_bits_rne(__m256 lo, __m256 hi) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+  __m256i a = _mm256_castps_si256(lo), b = _mm256_castps_si256(hi);
+  a = _mm256_add_epi32(a, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(a, 16), one), bias));
+  b = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 16), one), bias));
+  // packus works within 128-bit lanes; the permute puts the four quarters back in order
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(_mm256_srli_epi32(a, 16), _mm256_srli_epi32(b, 16)), 0xd8);
+}
+#endif
+
+// kNaNPayloadsClear: the caller guarantees every NaN in `in` has zero low 16
+// bits, so bf16 may take the fast rounding above.
+template <bool kNaNPayloadsClear = false, typename T, typename N, typename aVec = typename ChunkOf<T>::aVec>
 inline void store_chunk(T* p, N n, const aVec* in) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     n == aVec::size() ? in[0].store(p) : in[0].store(p, n);
   } else {
-#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      // one instruction for 32 values (round to nearest even), where ATen's
-      // portable conversion takes a dozen integer ops
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+      // one instruction for 32 values (round to nearest even, NaN-safe)
       const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(in[1], in[0]);
       n == 32 ? _mm512_storeu_si512(p, b) : _mm512_mask_storeu_epi16(p, (__mmask32)((1ull << n) - 1), b);
       return;
-    }
+#elif defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kNaNPayloadsClear) {
+        const __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(bf16_bits_rne(in[0])), bf16_bits_rne(in[1]), 1);
+        n == 32 ? _mm512_storeu_si512(p, b) : _mm512_mask_storeu_epi16(p, (__mmask32)((1ull << n) - 1), b);
+        return;
+      }
+#elif defined(CPU_CAPABILITY_AVX2)
+      if constexpr (kNaNPayloadsClear) {
+        const at::vec::Vectorized<T> b(bf16_bits_rne(in[0], in[1]));
+        n == 16 ? b.store(p) : b.store(p, n);
+        return;
+      }
 #endif
+    }
     auto b = at::vec::convert_from_float<T>(in[0], in[1]);
     n == decltype(b)::size() ? b.store(p) : b.store(p, n);
   }
@@ -188,52 +244,88 @@ inline aVec sum_slots(const aVec (&acc)[kSlots][kParts]) {
   return total;
 }
 
+// One row: sweep 1 writes residual_out = hidden + residual + steer and sums
+// its squares in fp32; sweep 2 reads residual_out back (the row is in L1/L2
+// now) and writes y. y is computed from residual_out as stored, i.e. rounded
+// to T for bf16/fp16, as vLLM's own CPU op and the HF models do, so that y is
+// exactly the norm of the residual the next layer sees and no fp32 row buffer
+// is needed. The variance uses the unrounded fp32 sum.
+//
+// NaNs: bf16 stores take the fast rounding, exact for NaNs whose low 16 bits
+// are zero. Values widened from bf16 have such NaNs and arithmetic keeps an
+// operand's payload (or makes 0x7fc00000), so only a NaN in the fp32 table
+// or in rstd could carry other bits: rstd is made the canonical NaN, and a
+// row whose sum of squares is not finite gets its table NaNs written again.
+//
+// flatten: the chunk lambdas, for_each_chunk and at::vec are inlined, so the
+// accumulators live in registers and the pointers are not reloaded through
+// the closures after every store (without it gcc kept both in memory and the
+// AVX2 build ran at half of vLLM's speed).
+template <typename T, typename WeightT>
+__attribute__((flatten)) acc_t<T> forward_row(const T* hidden, const T* residual, const acc_t<T>* steer,
+                                              const WeightT* weight, T* y, T* residual_out, int64_t d, double eps) {
+  using A = acc_t<T>;
+  using aVec = typename ChunkOf<T>::aVec;
+  constexpr int64_t kChunk = ChunkOf<T>::kSize;
+  constexpr int kParts = ChunkOf<T>::kParts;
+  aVec sq[kSlots][kParts];
+  for (auto& slot : sq) std::fill(slot, slot + kParts, aVec(0));
+  for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto slot) {
+    aVec h[kParts], r[kParts], s[kParts];
+    load_chunk(hidden + j, n, h);
+    load_chunk(residual + j, n, r);
+    load_acc_chunk<T>(steer + j, n, s);
+    for (int k = 0; k < kParts; ++k) {
+      h[k] = h[k] + r[k] + s[k];
+      sq[slot][k] = at::vec::fmadd(h[k], h[k], sq[slot][k]);
+    }
+    store_chunk<true>(residual_out + j, n, h);
+  });
+  const A sum_sq = horizontal_sum(sum_slots(sq));
+  if (!std::isfinite(sum_sq)) {
+    for (int64_t j = 0; j < d; ++j) {
+      if (std::isnan(steer[j])) residual_out[j] = static_cast<T>(std::numeric_limits<A>::quiet_NaN());
+    }
+  }
+  A rstd = A(1) / std::sqrt(sum_sq / static_cast<A>(d) + static_cast<A>(eps));
+  if (std::isnan(rstd)) rstd = std::numeric_limits<A>::quiet_NaN();
+  const aVec rstd_v(rstd);
+  for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto) {
+    aVec x[kParts], w[kParts];
+    load_chunk(residual_out + j, n, x);
+    if constexpr (std::is_same_v<WeightT, T>) {
+      load_chunk(weight + j, n, w);
+    } else {
+      load_acc_chunk<T>(weight + j, n, w);
+    }
+    for (int k = 0; k < kParts; ++k) x[k] = x[k] * rstd_v * w[k];
+    store_chunk<true>(y + j, n, x);
+  });
+  return rstd;
+}
+
 template <typename T, typename I>
 void forward_rows(const T* hidden, const T* residual, const acc_t<T>* table, const I* index, const T* weight,
                   T* y, T* residual_out, acc_t<T>* rstd_out, int64_t num_tokens, int64_t d, double eps) {
   using A = acc_t<T>;
-  using aVec = typename ChunkOf<T>::aVec;
-  constexpr int64_t kChunk = ChunkOf<T>::kSize, W = ChunkOf<T>::kAccWidth;
-  constexpr int kParts = ChunkOf<T>::kParts;
-  // bf16/fp16 round residual_out; y is computed from the unrounded x, kept in a
-  // per-thread row buffer. For fp32/fp64, residual_out itself is that x.
-  constexpr bool kRowBuffer = !std::is_same_v<T, A>;
   at::parallel_for(0, num_tokens, grain_rows(d), [&](int64_t begin, int64_t end) {
-    std::vector<A> x_row(kRowBuffer ? rounded_up(d, kChunk) : 0);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t off = t * d;  // int64: T * d can exceed 2^31
-      const A* steer = table + table_row(index, t) * d;
-      // sweep 1: x = hidden + residual + steer; residual_out <- x; sum of squares
-      aVec sq[kSlots][kParts];
-      for (auto& slot : sq) std::fill(slot, slot + kParts, aVec(0));
-      for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto slot) {
-        aVec h[kParts], r[kParts], s[kParts];
-        load_chunk(hidden + off + j, n, h);
-        load_chunk(residual + off + j, n, r);
-        load_acc_chunk<T>(steer + j, n, s);
-        for (int k = 0; k < kParts; ++k) {
-          h[k] = h[k] + r[k] + s[k];
-          sq[slot][k] = at::vec::fmadd(h[k], h[k], sq[slot][k]);
-          if constexpr (kRowBuffer) h[k].store(x_row.data() + j + k * W);
-        }
-        store_chunk(residual_out + off + j, n, h);
-      });
-      const A rstd = A(1) / std::sqrt(horizontal_sum(sum_slots(sq)) / static_cast<A>(d) + static_cast<A>(eps));
-      if (rstd_out != nullptr) rstd_out[t] = rstd;
-      // sweep 2 (the row is in L1/L2 now): y = x * rstd * weight
-      const aVec rstd_v(rstd);
-      for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto) {
-        aVec x[kParts], w[kParts];
-        if constexpr (kRowBuffer) {
-          for (int k = 0; k < kParts; ++k) x[k] = aVec::loadu(x_row.data() + j + k * W);
-        } else {
-          load_chunk(residual_out + off + j, n, x);
-        }
-        load_chunk(weight + j, n, w);
-        for (int k = 0; k < kParts; ++k) x[k] = x[k] * rstd_v * w[k];
-        store_chunk(y + off + j, n, x);
-      });
+    auto rows = [&](const auto* w) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t off = t * d;  // int64: T * d can exceed 2^31
+        const A rstd = forward_row(hidden + off, residual + off, table + table_row(index, t) * d, w, y + off,
+                                   residual_out + off, d, eps);
+        if (rstd_out != nullptr) rstd_out[t] = rstd;
+      }
+    };
+    if constexpr (!std::is_same_v<T, A>) {
+      // bf16/fp16 weight: converted to fp32 once per task rather than once per row
+      if (end - begin > 1) {
+        std::vector<A> weight_acc(d);
+        for (int64_t j = 0; j < d; ++j) weight_acc[j] = static_cast<A>(weight[j]);
+        return rows(weight_acc.data());
+      }
     }
+    rows(weight);
   });
 }
 
@@ -299,63 +391,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& hidden,
 // summed in order. No atomics, so the result is bitwise reproducible.
 
 constexpr int64_t kMaxParts = 64;
+constexpr int64_t kMinRowsPerPart = 8;  // fewer partials to zero and sum for short inputs
 constexpr int64_t kMaxPartialElems = int64_t{1} << 24;  // bounds the partials' memory
 
 int64_t num_parts(int64_t num_tokens, int64_t elems_per_part) {
-  int64_t parts = std::min<int64_t>(kMaxParts, std::max<int64_t>(num_tokens, 1));
+  int64_t parts = std::clamp<int64_t>((num_tokens + kMinRowsPerPart - 1) / kMinRowsPerPart, 1, kMaxParts);
   return std::min<int64_t>(parts, std::max<int64_t>(1, kMaxPartialElems / std::max<int64_t>(elems_per_part, 1)));
+}
+
+// One row of the backward; adds g into table_row and dy * xhat into
+// weight_row (this part's partials; either may be null). flatten as in
+// forward_row.
+template <typename T>
+__attribute__((flatten)) void backward_row(const T* dy, const T* dres, const T* x, acc_t<T> rs, const T* weight,
+                                           T* g, acc_t<T>* table_row, acc_t<T>* weight_row, int64_t d) {
+  using A = acc_t<T>;
+  using aVec = typename ChunkOf<T>::aVec;
+  constexpr int64_t kChunk = ChunkOf<T>::kSize, W = ChunkOf<T>::kAccWidth;
+  constexpr int kParts = ChunkOf<T>::kParts;
+  // sweep 1: dot = sum(weight * dy * x)
+  aVec dot[kSlots][kParts];
+  for (auto& slot : dot) std::fill(slot, slot + kParts, aVec(0));
+  for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto slot) {
+    aVec dyv[kParts], xv[kParts], wv[kParts];
+    load_chunk(dy + j, n, dyv);
+    load_chunk(x + j, n, xv);
+    load_chunk(weight + j, n, wv);
+    for (int k = 0; k < kParts; ++k) dot[slot][k] = at::vec::fmadd(wv[k] * dyv[k], xv[k], dot[slot][k]);
+  });
+  // sweep 2 (the row is in L1/L2 now): g = rstd * w * dy - x * (rstd^3 * dot / d) + dres
+  const aVec rs_v(rs);
+  const aVec coef(rs * rs * rs * horizontal_sum(sum_slots(dot)) / static_cast<A>(d));
+  for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto) {
+    aVec dyv[kParts], xv[kParts], wv[kParts], gv[kParts], rv[kParts];
+    load_chunk(dy + j, n, dyv);
+    load_chunk(x + j, n, xv);
+    load_chunk(weight + j, n, wv);
+    if (dres != nullptr) load_chunk(dres + j, n, rv);
+    for (int k = 0; k < kParts; ++k) {
+      gv[k] = rs_v * wv[k] * dyv[k] - xv[k] * coef;
+      if (dres != nullptr) gv[k] = gv[k] + rv[k];
+    }
+    store_chunk(g + j, n, gv);
+    for (int k = 0; k < kParts; ++k) {
+      const int64_t m = std::min<int64_t>(W, n - k * W);
+      if (m <= 0) break;
+      const int64_t col = j + k * W;
+      if (m == W) {
+        if (table_row != nullptr) (aVec::loadu(table_row + col) + gv[k]).store(table_row + col);
+        if (weight_row != nullptr)
+          at::vec::fmadd(dyv[k], xv[k] * rs_v, aVec::loadu(weight_row + col)).store(weight_row + col);
+      } else {
+        if (table_row != nullptr) (aVec::loadu(table_row + col, m) + gv[k]).store(table_row + col, m);
+        if (weight_row != nullptr)
+          at::vec::fmadd(dyv[k], xv[k] * rs_v, aVec::loadu(weight_row + col, m)).store(weight_row + col, m);
+      }
+    }
+  });
 }
 
 template <typename T, typename I>
 void backward_rows(const T* dy, const T* dres, const T* x, const acc_t<T>* rstd, const I* index, const T* weight,
                    T* g, acc_t<T>* table_partials, acc_t<T>* weight_partials, int64_t num_tokens, int64_t d,
                    int64_t num_rows, int64_t parts) {
-  using A = acc_t<T>;
-  using aVec = typename ChunkOf<T>::aVec;
-  constexpr int64_t kChunk = ChunkOf<T>::kSize, W = ChunkOf<T>::kAccWidth;
-  constexpr int kParts = ChunkOf<T>::kParts;
   const int64_t rows_per_part = (num_tokens + parts - 1) / parts;
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     for (int64_t p = part_begin; p < part_end; ++p) {
-      A* tp = table_partials == nullptr ? nullptr : table_partials + p * num_rows * d;
-      A* wp = weight_partials == nullptr ? nullptr : weight_partials + p * d;
+      acc_t<T>* tp = table_partials == nullptr ? nullptr : table_partials + p * num_rows * d;
+      acc_t<T>* wp = weight_partials == nullptr ? nullptr : weight_partials + p * d;
       const int64_t t_end = std::min(num_tokens, (p + 1) * rows_per_part);
       for (int64_t t = p * rows_per_part; t < t_end; ++t) {
         const int64_t off = t * d;
-        const A rs = rstd[t];
-        // sweep 1: dot = sum(weight * dy * x)
-        aVec dot[kSlots][kParts];
-        for (auto& slot : dot) std::fill(slot, slot + kParts, aVec(0));
-        for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto slot) {
-          aVec dyv[kParts], xv[kParts], wv[kParts];
-          load_chunk(dy + off + j, n, dyv);
-          load_chunk(x + off + j, n, xv);
-          load_chunk(weight + j, n, wv);
-          for (int k = 0; k < kParts; ++k) dot[slot][k] = at::vec::fmadd(wv[k] * dyv[k], xv[k], dot[slot][k]);
-        });
-        // sweep 2 (the row is in L1/L2 now): g = rstd * w * dy - x * (rstd^3 * dot / d) + dres
-        const aVec rs_v(rs);
-        const aVec coef(rs * rs * rs * horizontal_sum(sum_slots(dot)) / static_cast<A>(d));
-        A* trow = tp == nullptr ? nullptr : tp + table_row(index, t) * d;
-        for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto) {
-          aVec dyv[kParts], xv[kParts], wv[kParts], gv[kParts], rv[kParts];
-          load_chunk(dy + off + j, n, dyv);
-          load_chunk(x + off + j, n, xv);
-          load_chunk(weight + j, n, wv);
-          if (dres != nullptr) load_chunk(dres + off + j, n, rv);
-          for (int k = 0; k < kParts; ++k) {
-            gv[k] = rs_v * wv[k] * dyv[k] - xv[k] * coef;
-            if (dres != nullptr) gv[k] = gv[k] + rv[k];
-          }
-          store_chunk(g + off + j, n, gv);
-          for (int k = 0; k < kParts; ++k) {
-            const int64_t m = std::min<int64_t>(W, n - k * W);
-            if (m <= 0) break;
-            const int64_t col = j + k * W;
-            if (trow != nullptr) (aVec::loadu(trow + col, m) + gv[k]).store(trow + col, m);
-            if (wp != nullptr) at::vec::fmadd(dyv[k], xv[k] * rs_v, aVec::loadu(wp + col, m)).store(wp + col, m);
-          }
-        });
+        backward_row(dy + off, dres == nullptr ? nullptr : dres + off, x + off, rstd[t], weight, g + off,
+                     tp == nullptr ? nullptr : tp + table_row(index, t) * d, wp, d);
       }
     }
   });
@@ -418,6 +526,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
   return {g, d_table, d_weight};
 }
 
+// ---------------------------------------------------------------------------
+// benchmarks/bench_kernel.py's bandwidth reference: swaps a and b in place,
+// row by row, with the forward's threading. It moves exactly the in-place
+// forward's bytes the same way (reads both rows, writes both back) and does
+// no arithmetic, so time(reference) / time(op) is the op's share of the
+// bandwidth this machine gives that access pattern.
+
+template <typename T>
+__attribute__((flatten)) void swap_row(T* a, T* b, int64_t d) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t kSize = Vec::size();
+  int64_t j = 0;
+  for (; j + kSize <= d; j += kSize) {
+    const Vec x = Vec::loadu(a + j), y = Vec::loadu(b + j);
+    y.store(a + j);
+    x.store(b + j);
+  }
+  for (; j < d; ++j) std::swap(a[j], b[j]);
+}
+
+void bandwidth_reference_(at::Tensor& a, at::Tensor& b) {
+  TORCH_CHECK_VALUE(a.dim() == 2 && a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+                        a.is_contiguous() && b.is_contiguous(),
+                    "bandwidth_reference_: a and b must be contiguous [T, d] tensors of one shape and dtype");
+  const int64_t d = a.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "bandwidth_reference_", [&] {
+    scalar_t* pa = a.data_ptr<scalar_t>();
+    scalar_t* pb = b.data_ptr<scalar_t>();
+    at::parallel_for(0, a.size(0), grain_rows(d), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) swap_row(pa + t * d, pb + t * d, d);
+    });
+  });
+}
+
 #define STEERING_STR2(x) #x
 #define STEERING_STR(x) STEERING_STR2(x)
 
@@ -437,12 +579,14 @@ TORCH_LIBRARY(steering, m) {
       "Tensor? index, Tensor weight, int num_table_rows, bool table_grad, bool weight_grad) "
       "-> (Tensor grad_input, Tensor grad_table, Tensor grad_weight)");
   m.def("cpu_capability() -> str", &cpu_capability);
+  m.def("bandwidth_reference_(Tensor(a!) a, Tensor(b!) b) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(steering, CPU, m) {
   m.impl("fused_add_steer_rms_norm_", &forward_inplace);
   m.impl("fused_add_steer_rms_norm_fwd", &forward);
   m.impl("fused_add_steer_rms_norm_bwd", &backward);
+  m.impl("bandwidth_reference_", &bandwidth_reference_);
 }
 
 }  // namespace steering

@@ -164,6 +164,76 @@ def test_backward_matches_reference(case, dtype, with_grad_residual):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_outputs_round_to_nearest_even_and_y_is_the_norm_of_the_stored_residual(backend):
+    """residual_out is torch's round-to-nearest-even of the fp32 sum, bit for bit (ties included: bf16 + bf16
+    sums tie often), and y is computed from residual_out as stored, not from the unrounded sum."""
+    device, ops = BACKENDS[backend]
+    forward, _, _ = ops()
+    T, d = (64, 1000) if backend == "cpp" else (8, 67)  # full vector chunks and a tail on every ISA
+    hidden, residual, table, index, weight = make_inputs(T, d, 3, torch.bfloat16, device)
+    y, residual_out, rstd = forward(hidden, residual, table, index, weight, EPS)
+    x = hidden.cpu().float() + residual.cpu().float() + table.cpu()[index.cpu()]
+    assert torch.equal(residual_out.cpu(), x.to(torch.bfloat16)), "residual_out is not the RNE of the fp32 sum"
+    from_stored = (residual_out.cpu().double() * rstd.cpu().double()[:, None] * weight.cpu().double()).bfloat16()
+    from_unrounded = (x.double() * rstd.cpu().double()[:, None] * weight.cpu().double()).bfloat16()
+    differ_stored = (y.cpu() != from_stored).float().mean().item()
+    differ_unrounded = (y.cpu() != from_unrounded).float().mean().item()
+    # rstd's summation order may flip a rare rounding; the unrounded sum moves about a third of them
+    assert differ_stored < 0.01, f"{differ_stored:.1%} of y differ from the norm of the stored residual_out"
+    assert differ_unrounded > 0.05, "the check above cannot tell the two definitions of y apart"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nans_stay_nans(dtype):
+    """A NaN in the table, whatever its payload, or in hidden makes residual_out NaN there and the row's y
+    NaN; other rows are untouched. (The bf16 stores of the AVX2 / AVX-512 builds round with integer ops
+    that would turn a NaN with payload 0x7fffffff into -0.0 or 0x7f800001 into inf: the op guards them.)"""
+    T, d, R = 4, 203, 2
+    hidden, residual, table, _, weight = make_inputs(T, d, R, dtype)
+    index = torch.tensor([0, 1, 0, 1])
+    table.view(torch.int32)[1, 5] = 0x7FFFFFFF
+    table.view(torch.int32)[1, 130] = 0x7F800001
+    hidden[3, 77] = float("nan")
+    y, residual_out, _ = torch.ops.steering.fused_add_steer_rms_norm_fwd(hidden, residual, table, index, weight, EPS)
+    for row, cols in ((1, [5, 130]), (3, [5, 77, 130])):
+        assert torch.isnan(residual_out[row]).nonzero().flatten().tolist() == cols, f"row {row}"
+        assert torch.isnan(y[row]).all(), f"row {row}: y must be NaN throughout"
+    assert torch.isfinite(residual_out[[0, 2]]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bandwidth_reference_swaps_in_place(dtype):
+    """benchmarks/bench_kernel.py's reference moves the forward's bytes: it must really read and write both."""
+    a, b = torch.randn(5, 131, dtype=dtype), torch.randn(5, 131, dtype=dtype)
+    a0, b0 = a.clone(), b.clone()
+    torch.ops.steering.bandwidth_reference_(a, b)
+    assert torch.equal(a, b0) and torch.equal(b, a0)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        torch.ops.steering.bandwidth_reference_(a, b[:, :7].contiguous())
+
+
+def test_triton_backward_launch_settings_follow_shapes_and_device():
+    """Two persistent programs per SM, never more than rows, partials bounded; second-stage tiles."""
+    assert op_module.backward_programs(n_rows=8192, sm_count=132, floats_per_program=2 * 3584) == 264
+    assert op_module.backward_programs(n_rows=7, sm_count=132, floats_per_program=3584) == 7
+    assert op_module.backward_programs(n_rows=8192, sm_count=132, floats_per_program=1 << 20) == 64
+    assert op_module.sum_partials_settings(264) == (64, 32)
+    assert op_module.sum_partials_settings(3) == (4, 32)
+
+
+@pytest.mark.parametrize("n_parts, n", [(1, 7), (3, 40), (130, 67)], ids=["1part", "3parts", "130parts"])
+def test_triton_second_stage_sums_the_partials_in_a_fixed_order(n_parts, n):
+    """Partials summed over a part count that is not a multiple of the tile, columns with a tail."""
+    partials = torch.randn(n_parts, n, device=TRITON_DEVICE)
+    out = torch.empty(n, device=TRITON_DEVICE)
+    op_module._sum_partials(partials, out)
+    torch.testing.assert_close(out.cpu().double(), partials.cpu().double().sum(0), rtol=1e-6, atol=1e-5)
+    again = torch.empty_like(out)
+    op_module._sum_partials(partials, again)
+    assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_int32_index_reads_the_rows_int64_reads(backend):
     """Both index dtypes, forward (functional and in place) and backward, against the reference's rows."""
     device, ops = BACKENDS[backend]
