@@ -142,6 +142,32 @@ inline void load_acc_chunk(const acc_t<T>* p, N n, aVec* out) {
   }
 }
 
+// The norm weight, as stored (T) or widened once to the accumulation type.
+template <typename T, typename WeightT, typename N, typename aVec = typename ChunkOf<T>::aVec>
+inline void load_weight_chunk(const WeightT* p, N n, aVec* out) {
+  if constexpr (std::is_same_v<WeightT, T>) {
+    load_chunk(p, n, out);
+  } else {
+    load_acc_chunk<T>(p, n, out);
+  }
+}
+
+// The weight for a run of rows: widened to fp32 once (bf16/fp16, more than
+// one row) rather than once per row and sweep; fn(pointer) runs the rows.
+template <typename T, typename Fn>
+void with_row_weight(const T* weight, int64_t d, int64_t rows, Fn&& fn) {
+  using A = acc_t<T>;
+  if constexpr (!std::is_same_v<T, A>) {
+    if (rows > 1) {
+      std::vector<A> widened(d);
+      for (int64_t j = 0; j < d; ++j) widened[j] = static_cast<A>(weight[j]);
+      fn(static_cast<const A*>(widened.data()));
+      return;
+    }
+  }
+  fn(weight);
+}
+
 // Horizontal sum (once per row; Vectorized<double> has no reduce_add).
 template <typename V>
 inline typename V::value_type horizontal_sum(const V& v) {
@@ -293,11 +319,7 @@ __attribute__((flatten)) acc_t<T> forward_row(const T* hidden, const T* residual
   for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto) {
     aVec x[kParts], w[kParts];
     load_chunk(residual_out + j, n, x);
-    if constexpr (std::is_same_v<WeightT, T>) {
-      load_chunk(weight + j, n, w);
-    } else {
-      load_acc_chunk<T>(weight + j, n, w);
-    }
+    load_weight_chunk<T>(weight + j, n, w);
     for (int k = 0; k < kParts; ++k) x[k] = x[k] * rstd_v * w[k];
     store_chunk<true>(y + j, n, x);
   });
@@ -307,25 +329,15 @@ __attribute__((flatten)) acc_t<T> forward_row(const T* hidden, const T* residual
 template <typename T, typename I>
 void forward_rows(const T* hidden, const T* residual, const acc_t<T>* table, const I* index, const T* weight,
                   T* y, T* residual_out, acc_t<T>* rstd_out, int64_t num_tokens, int64_t d, double eps) {
-  using A = acc_t<T>;
   at::parallel_for(0, num_tokens, grain_rows(d), [&](int64_t begin, int64_t end) {
-    auto rows = [&](const auto* w) {
+    with_row_weight(weight, d, end - begin, [&](const auto* w) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t off = t * d;  // int64: T * d can exceed 2^31
-        const A rstd = forward_row(hidden + off, residual + off, table + table_row(index, t) * d, w, y + off,
-                                   residual_out + off, d, eps);
+        const auto rstd = forward_row(hidden + off, residual + off, table + table_row(index, t) * d, w, y + off,
+                                      residual_out + off, d, eps);
         if (rstd_out != nullptr) rstd_out[t] = rstd;
       }
-    };
-    if constexpr (!std::is_same_v<T, A>) {
-      // bf16/fp16 weight: converted to fp32 once per task rather than once per row
-      if (end - begin > 1) {
-        std::vector<A> weight_acc(d);
-        for (int64_t j = 0; j < d; ++j) weight_acc[j] = static_cast<A>(weight[j]);
-        return rows(weight_acc.data());
-      }
-    }
-    rows(weight);
+    });
   });
 }
 
@@ -401,11 +413,14 @@ int64_t num_parts(int64_t num_tokens, int64_t elems_per_part) {
 
 // One row of the backward; adds g into table_row and dy * xhat into
 // weight_row (this part's partials; either may be null). flatten as in
-// forward_row.
-template <typename T>
-__attribute__((flatten)) void backward_row(const T* dy, const T* dres, const T* x, acc_t<T> rs, const T* weight,
-                                           T* g, acc_t<T>* table_row, acc_t<T>* weight_row, int64_t d) {
+// forward_row. NaNs in rs and in the row's coefficient are made canonical, so
+// every NaN reaching the bf16 store of g has a clean payload (see forward_row).
+template <typename T, typename WeightT>
+__attribute__((flatten)) void backward_row(const T* dy, const T* dres, const T* x, acc_t<T> rs,
+                                           const WeightT* weight, T* g, acc_t<T>* table_row, acc_t<T>* weight_row,
+                                           int64_t d) {
   using A = acc_t<T>;
+  if (std::isnan(rs)) rs = std::numeric_limits<A>::quiet_NaN();
   using aVec = typename ChunkOf<T>::aVec;
   constexpr int64_t kChunk = ChunkOf<T>::kSize, W = ChunkOf<T>::kAccWidth;
   constexpr int kParts = ChunkOf<T>::kParts;
@@ -416,23 +431,25 @@ __attribute__((flatten)) void backward_row(const T* dy, const T* dres, const T* 
     aVec dyv[kParts], xv[kParts], wv[kParts];
     load_chunk(dy + j, n, dyv);
     load_chunk(x + j, n, xv);
-    load_chunk(weight + j, n, wv);
+    load_weight_chunk<T>(weight + j, n, wv);
     for (int k = 0; k < kParts; ++k) dot[slot][k] = at::vec::fmadd(wv[k] * dyv[k], xv[k], dot[slot][k]);
   });
   // sweep 2 (the row is in L1/L2 now): g = rstd * w * dy - x * (rstd^3 * dot / d) + dres
   const aVec rs_v(rs);
-  const aVec coef(rs * rs * rs * horizontal_sum(sum_slots(dot)) / static_cast<A>(d));
+  A coef_value = rs * rs * rs * horizontal_sum(sum_slots(dot)) / static_cast<A>(d);
+  if (std::isnan(coef_value)) coef_value = std::numeric_limits<A>::quiet_NaN();
+  const aVec coef(coef_value);
   for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto) {
     aVec dyv[kParts], xv[kParts], wv[kParts], gv[kParts], rv[kParts];
     load_chunk(dy + j, n, dyv);
     load_chunk(x + j, n, xv);
-    load_chunk(weight + j, n, wv);
+    load_weight_chunk<T>(weight + j, n, wv);
     if (dres != nullptr) load_chunk(dres + j, n, rv);
     for (int k = 0; k < kParts; ++k) {
       gv[k] = rs_v * wv[k] * dyv[k] - xv[k] * coef;
       if (dres != nullptr) gv[k] = gv[k] + rv[k];
     }
-    store_chunk(g + j, n, gv);
+    store_chunk<true>(g + j, n, gv);
     for (int k = 0; k < kParts; ++k) {
       const int64_t m = std::min<int64_t>(W, n - k * W);
       if (m <= 0) break;
@@ -459,25 +476,30 @@ void backward_rows(const T* dy, const T* dres, const T* x, const acc_t<T>* rstd,
     for (int64_t p = part_begin; p < part_end; ++p) {
       acc_t<T>* tp = table_partials == nullptr ? nullptr : table_partials + p * num_rows * d;
       acc_t<T>* wp = weight_partials == nullptr ? nullptr : weight_partials + p * d;
-      const int64_t t_end = std::min(num_tokens, (p + 1) * rows_per_part);
-      for (int64_t t = p * rows_per_part; t < t_end; ++t) {
-        const int64_t off = t * d;
-        backward_row(dy + off, dres == nullptr ? nullptr : dres + off, x + off, rstd[t], weight, g + off,
-                     tp == nullptr ? nullptr : tp + table_row(index, t) * d, wp, d);
-      }
+      const int64_t t_begin = p * rows_per_part, t_end = std::min(num_tokens, (p + 1) * rows_per_part);
+      with_row_weight(weight, d, t_end - t_begin, [&](const auto* w) {
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          const int64_t off = t * d;
+          backward_row(dy + off, dres == nullptr ? nullptr : dres + off, x + off, rstd[t], w, g + off,
+                       tp == nullptr ? nullptr : tp + table_row(index, t) * d, wp, d);
+        }
+      });
     }
   });
 }
 
-// out[j] = sum over p, in order, of partials[p, j]
+// out[j] = sum over p, in order, of partials[p, j]. Parts in the outer loop,
+// so the inner loop runs along contiguous columns (vectorized); the columns
+// are split across threads, which never changes the order of a sum.
 template <typename A, typename T>
 void sum_parts(const A* partials, int64_t parts, int64_t n, T* out) {
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      A acc = 0;
-      for (int64_t p = 0; p < parts; ++p) acc += partials[p * n + j];
-      out[j] = static_cast<T>(acc);
+  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(partials + begin, partials + end);
+    for (int64_t p = 1; p < parts; ++p) {
+      const A* row = partials + p * n + begin;
+      for (int64_t j = 0; j < end - begin; ++j) acc[j] += row[j];
     }
+    for (int64_t j = begin; j < end; ++j) out[j] = static_cast<T>(acc[j - begin]);
   });
 }
 
