@@ -326,10 +326,159 @@ __attribute__((flatten)) acc_t<T> forward_row(const T* hidden, const T* residual
   return rstd;
 }
 
+// ---------------------------------------------------------------------------
+// bf16 rows in even/odd lanes (AVX2, and AVX-512 without BF16 instructions)
+//
+// Read as 32-bit lanes, a register of 2W bf16 values holds elements 2k (low
+// half) and 2k+1 (high half) in lane k. A shift left by 16 makes the even
+// elements fp32 and masking off the low halves makes the odd ones fp32: two
+// ops for a chunk where widening in order takes four, and the way back is a
+// shift and a blend within lanes where packing in order also needs a cross-
+// lane permute. The arithmetic is per element, so it may run in this order as
+// long as the fp32 operands, the steering row and the weight, are laid out the
+// same way (even_odd_layout, once per task and table row). This keeps the
+// AVX2 build, which is compute-bound here, at vLLM's speed while it rounds to
+// nearest even and adds the vector. A row's tail (under one chunk) keeps the
+// natural order in both.
+#if (defined(CPU_CAPABILITY_AVX512) && !defined(__AVX512BF16__)) || defined(CPU_CAPABILITY_AVX2)
+#define STEERING_BF16_EVEN_ODD 1
+namespace even_odd {
+#if defined(CPU_CAPABILITY_AVX512)
+using ivec = __m512i;
+inline ivec load_bits(const void* p) { return _mm512_loadu_si512(p); }
+inline void store_bits(void* p, ivec v) { _mm512_storeu_si512(p, v); }
+inline __m512 even(ivec v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+inline __m512 odd(ivec v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(~0xffff))); }
+inline ivec round_bits(__m512 v) {  // round to nearest even; the bf16 is the high half (see bf16_bits_rne)
+  const ivec x = _mm512_castps_si512(v);
+  const ivec lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+}
+inline ivec pack(__m512 e, __m512 o) {
+  return _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(round_bits(e), 16), round_bits(o));
+}
+#else
+using ivec = __m256i;
+inline ivec load_bits(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void store_bits(void* p, ivec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline __m256 even(ivec v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+inline __m256 odd(ivec v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(~0xffff))); }
+inline ivec round_bits(__m256 v) {
+  const ivec x = _mm256_castps_si256(v);
+  const ivec lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  return _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+}
+inline ivec pack(__m256 e, __m256 o) {
+  return _mm256_blend_epi16(_mm256_srli_epi32(round_bits(e), 16), round_bits(o), 0xAA);
+}
+#endif
+
+constexpr int64_t kChunk = ChunkOf<c10::BFloat16>::kSize;  // 2W values a register
+constexpr int64_t W = kChunk / 2;
+constexpr int64_t kMinRows = 4;  // below this the layout costs more than it saves
+
+// dst = src widened to fp32, each whole chunk as its W even then its W odd elements; the tail as is.
+template <typename S>
+void layout(const S* src, float* dst, int64_t d) {
+  int64_t j = 0;
+  for (; j + kChunk <= d; j += kChunk) {
+    for (int64_t i = 0; i < W; ++i) {
+      dst[j + i] = static_cast<float>(src[j + 2 * i]);
+      dst[j + W + i] = static_cast<float>(src[j + 2 * i + 1]);
+    }
+  }
+  for (; j < d; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// forward_row for bf16 with the steering row and the weight in even/odd layout
+// (steer: the table row itself, for the NaN guard).
+__attribute__((flatten)) float forward_row(const c10::BFloat16* hidden, const c10::BFloat16* residual,
+                                           const float* steer_eo, const float* steer, const float* weight_eo,
+                                           c10::BFloat16* y, c10::BFloat16* residual_out, int64_t d, double eps) {
+  using T = c10::BFloat16;
+  using aVec = at::vec::Vectorized<float>;
+  aVec sq[kSlots][2];
+  for (auto& slot : sq) std::fill(slot, slot + 2, aVec(0));
+  for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto slot) {
+    if constexpr (std::is_same_v<decltype(n), int64_t>) {  // the tail, in natural order
+      aVec h[2], r[2], st[2];
+      load_chunk(hidden + j, n, h);
+      load_chunk(residual + j, n, r);
+      load_acc_chunk<T>(steer_eo + j, n, st);
+      for (int k = 0; k < 2; ++k) {
+        h[k] = h[k] + r[k] + st[k];
+        sq[slot][k] = at::vec::fmadd(h[k], h[k], sq[slot][k]);
+      }
+      store_chunk<true>(residual_out + j, n, h);
+    } else {
+      const ivec h = load_bits(hidden + j), r = load_bits(residual + j);
+      const aVec xe = aVec(even(h)) + aVec(even(r)) + aVec::loadu(steer_eo + j);
+      const aVec xo = aVec(odd(h)) + aVec(odd(r)) + aVec::loadu(steer_eo + j + W);
+      sq[slot][0] = at::vec::fmadd(xe, xe, sq[slot][0]);
+      sq[slot][1] = at::vec::fmadd(xo, xo, sq[slot][1]);
+      store_bits(residual_out + j, pack(xe, xo));
+    }
+  });
+  const float sum_sq = horizontal_sum(sum_slots(sq));
+  if (!std::isfinite(sum_sq)) {  // as in forward_row
+    for (int64_t j = 0; j < d; ++j) {
+      if (std::isnan(steer[j])) residual_out[j] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+    }
+  }
+  float rstd = 1.0f / std::sqrt(sum_sq / static_cast<float>(d) + static_cast<float>(eps));
+  if (std::isnan(rstd)) rstd = std::numeric_limits<float>::quiet_NaN();
+  const aVec rstd_v(rstd);
+  for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto) {
+    if constexpr (std::is_same_v<decltype(n), int64_t>) {
+      aVec x[2], w[2];
+      load_chunk(residual_out + j, n, x);
+      load_acc_chunk<T>(weight_eo + j, n, w);
+      for (int k = 0; k < 2; ++k) x[k] = x[k] * rstd_v * w[k];
+      store_chunk<true>(y + j, n, x);
+    } else {
+      const ivec x = load_bits(residual_out + j);
+      const aVec ye = aVec(even(x)) * rstd_v * aVec::loadu(weight_eo + j);
+      const aVec yo = aVec(odd(x)) * rstd_v * aVec::loadu(weight_eo + j + W);
+      store_bits(y + j, pack(ye, yo));
+    }
+  });
+  return rstd;
+}
+
+// Rows [begin, end) of a task; the steering row is laid out again when the index changes row.
+template <typename I>
+void forward_rows(const c10::BFloat16* hidden, const c10::BFloat16* residual, const float* table, const I* index,
+                  const c10::BFloat16* weight, c10::BFloat16* y, c10::BFloat16* residual_out, float* rstd_out,
+                  int64_t begin, int64_t end, int64_t d, double eps) {
+  std::vector<float> weight_eo(d), steer_eo(d);
+  layout(weight, weight_eo.data(), d);
+  int64_t laid_out = -1;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t row = table_row(index, t), off = t * d;
+    if (row != laid_out) {
+      layout(table + row * d, steer_eo.data(), d);
+      laid_out = row;
+    }
+    const float rstd = forward_row(hidden + off, residual + off, steer_eo.data(), table + row * d, weight_eo.data(),
+                                   y + off, residual_out + off, d, eps);
+    if (rstd_out != nullptr) rstd_out[t] = rstd;
+  }
+}
+}  // namespace even_odd
+#endif
+
 template <typename T, typename I>
 void forward_rows(const T* hidden, const T* residual, const acc_t<T>* table, const I* index, const T* weight,
                   T* y, T* residual_out, acc_t<T>* rstd_out, int64_t num_tokens, int64_t d, double eps) {
   at::parallel_for(0, num_tokens, grain_rows(d), [&](int64_t begin, int64_t end) {
+#ifdef STEERING_BF16_EVEN_ODD
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (end - begin >= even_odd::kMinRows) {
+        even_odd::forward_rows(hidden, residual, table, index, weight, y, residual_out, rstd_out, begin, end, d, eps);
+        return;
+      }
+    }
+#endif
     with_row_weight(weight, d, end - begin, [&](const auto* w) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t off = t * d;  // int64: T * d can exceed 2^31
