@@ -1,7 +1,8 @@
 // CPU implementation of the fused residual add + steering bias + RMSNorm op.
 //
 //   x = hidden + residual + table[index[t]]      (fp32; index None: row 0)
-//   y = x * rsqrt(mean(x^2) + eps) * weight
+//   residual_out = x rounded to the activation dtype (to nearest even)
+//   y = residual_out * rsqrt(mean(x^2) + eps) * weight
 //
 // The schemas live here (TORCH_LIBRARY) so the op exists with or without
 // Triton; kernels/fused_add_steer_rms_norm.py adds the CUDA (Triton) kernels,
@@ -176,10 +177,6 @@ inline typename V::value_type horizontal_sum(const V& v) {
   typename V::value_type sum = 0;
   for (int64_t i = 0; i < V::size(); ++i) sum += lanes[i];
   return sum;
-}
-
-int64_t rounded_up(int64_t n, int64_t multiple) {
-  return (n + multiple - 1) / multiple * multiple;
 }
 
 // Rows per parallel task: enough elements per task that threading pays.
