@@ -242,19 +242,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def render(all_results: list[dict]) -> str:
     """The README's two tables: forward and backward, a row group per ISA."""
+
+    def leading_cells(isa: str, r: dict, elements_per_td: int) -> list[str]:
+        nbytes = elements_per_td * r["T"] * r["d"] * (2 if r["dtype"] in ("bfloat16", "float16") else 4)
+        cells = [isa, r["cache"], r["dtype"], str(r["T"]), str(r["d"]), f"{r['ours'] * 1e6:.1f}"]
+        return cells + [f"{nbytes / r['ours'] / 1e9:.1f}"]
+
     forward, backward = [], []
     for res in all_results:
         for r in res["forward"]:
-            nbytes = 4 * r["T"] * r["d"] * (2 if r["dtype"] in ("bfloat16", "float16") else 4)
-            first = [res["isa"], r["cache"], r["dtype"], str(r["T"]), str(r["d"]), f"{r['ours'] * 1e6:.1f}"]
-            forward.append(first + [f"{nbytes / r['ours'] / 1e9:.1f}"] + [_ratio(r, n) for n in FORWARD[1:][::-1]])
+            forward.append(leading_cells(res["isa"], r, 4) + [_ratio(r, n) for n in FORWARD[1:][::-1]])
         for r in res["backward"]:
-            nbytes = 3 * r["T"] * r["d"] * (2 if r["dtype"] in ("bfloat16", "float16") else 4)
-            first = [res["isa"], r["cache"], r["dtype"], str(r["T"]), str(r["d"]), f"{r['ours'] * 1e6:.1f}"]
             of_ref = f"{0.75 * r['ref'] / r['ours']:.2f}"  # per byte: ours moves 3 T d elements, the swap 4 T d
-            backward.append(
-                first + [f"{nbytes / r['ours'] / 1e9:.1f}", of_ref, _ratio(r, "eager"), _ratio(r, "compiled")]
-            )
+            backward.append(leading_cells(res["isa"], r, 3) + [of_ref, _ratio(r, "eager"), _ratio(r, "compiled")])
     head = ["ISA", "cache", "dtype", "T", "d", "ours µs", "ours GB/s"]
     lines = [
         "Forward, in place: GB/s = 4 T d bytes / time; of ref, vs X = time(X) / time(ours): above 1, ours is faster"

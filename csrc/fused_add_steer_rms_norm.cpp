@@ -83,20 +83,23 @@ inline void load_chunk(const T* p, N n, aVec* out) {
 // (then the rounding increment cannot carry out of the mantissa); callers
 // make sure no other NaN reaches it (forward_row).
 #if defined(CPU_CAPABILITY_AVX512) && !defined(__AVX512BF16__)
-inline __m256i bf16_bits_rne(__m512 v) {
+// x's bits plus the increment that rounds it to nearest even: the bf16 is the high half.
+inline __m512i rne_bits(__m512 v) {
   const __m512i x = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  return _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
 }
+inline __m256i bf16_bits_rne(__m512 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rne_bits(v), 16)); }
 #elif defined(CPU_CAPABILITY_AVX2)
+inline __m256i rne_bits(__m256 v) {
+  const __m256i x = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  return _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+}
 inline __m256i bf16_bits_rne(__m256 lo, __m256 hi) {
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
-  __m256i a = _mm256_castps_si256(lo), b = _mm256_castps_si256(hi);
-  a = _mm256_add_epi32(a, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(a, 16), one), bias));
-  b = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 16), one), bias));
   // packus works within 128-bit lanes; the permute puts the four quarters back in order
-  return _mm256_permute4x64_epi64(_mm256_packus_epi32(_mm256_srli_epi32(a, 16), _mm256_srli_epi32(b, 16)), 0xd8);
+  const __m256i packed = _mm256_packus_epi32(_mm256_srli_epi32(rne_bits(lo), 16), _mm256_srli_epi32(rne_bits(hi), 16));
+  return _mm256_permute4x64_epi64(packed, 0xd8);
 }
 #endif
 
@@ -167,6 +170,22 @@ void with_row_weight(const T* weight, int64_t d, int64_t rows, Fn&& fn) {
     }
   }
   fn(weight);
+}
+
+// NaN guards for the fast bf16 rounding (see forward_row): a NaN made the
+// canonical one, and the columns of a non-finite row whose table value is NaN
+// written again as NaN.
+template <typename A>
+inline A canonical_nan(A v) {
+  return std::isnan(v) ? std::numeric_limits<A>::quiet_NaN() : v;
+}
+
+template <typename T>
+void rewrite_table_nans(acc_t<T> sum_sq, const acc_t<T>* steer, T* residual_out, int64_t d) {
+  if (std::isfinite(sum_sq)) return;
+  for (int64_t j = 0; j < d; ++j) {
+    if (std::isnan(steer[j])) residual_out[j] = static_cast<T>(std::numeric_limits<acc_t<T>>::quiet_NaN());
+  }
 }
 
 // Horizontal sum (once per row; Vectorized<double> has no reduce_add).
@@ -305,13 +324,8 @@ __attribute__((flatten)) acc_t<T> forward_row(const T* hidden, const T* residual
     store_chunk<true>(residual_out + j, n, h);
   });
   const A sum_sq = horizontal_sum(sum_slots(sq));
-  if (!std::isfinite(sum_sq)) {
-    for (int64_t j = 0; j < d; ++j) {
-      if (std::isnan(steer[j])) residual_out[j] = static_cast<T>(std::numeric_limits<A>::quiet_NaN());
-    }
-  }
-  A rstd = A(1) / std::sqrt(sum_sq / static_cast<A>(d) + static_cast<A>(eps));
-  if (std::isnan(rstd)) rstd = std::numeric_limits<A>::quiet_NaN();
+  rewrite_table_nans(sum_sq, steer, residual_out, d);
+  const A rstd = canonical_nan(A(1) / std::sqrt(sum_sq / static_cast<A>(d) + static_cast<A>(eps)));
   const aVec rstd_v(rstd);
   for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto) {
     aVec x[kParts], w[kParts];
@@ -333,7 +347,7 @@ __attribute__((flatten)) acc_t<T> forward_row(const T* hidden, const T* residual
 // shift and a blend within lanes where packing in order also needs a cross-
 // lane permute. The arithmetic is per element, so it may run in this order as
 // long as the fp32 operands, the steering row and the weight, are laid out the
-// same way (even_odd_layout, once per task and table row). This keeps the
+// same way (even_odd::layout, once per task and table row). This keeps the
 // AVX2 build, which is compute-bound here, at vLLM's speed while it rounds to
 // nearest even and adds the vector. A row's tail (under one chunk) keeps the
 // natural order in both.
@@ -346,13 +360,8 @@ inline ivec load_bits(const void* p) { return _mm512_loadu_si512(p); }
 inline void store_bits(void* p, ivec v) { _mm512_storeu_si512(p, v); }
 inline __m512 even(ivec v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
 inline __m512 odd(ivec v) { return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(~0xffff))); }
-inline ivec round_bits(__m512 v) {  // round to nearest even; the bf16 is the high half (see bf16_bits_rne)
-  const ivec x = _mm512_castps_si512(v);
-  const ivec lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-  return _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-}
 inline ivec pack(__m512 e, __m512 o) {
-  return _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(round_bits(e), 16), round_bits(o));
+  return _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(rne_bits(e), 16), rne_bits(o));
 }
 #else
 using ivec = __m256i;
@@ -360,13 +369,8 @@ inline ivec load_bits(const void* p) { return _mm256_loadu_si256(reinterpret_cas
 inline void store_bits(void* p, ivec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 inline __m256 even(ivec v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 inline __m256 odd(ivec v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(~0xffff))); }
-inline ivec round_bits(__m256 v) {
-  const ivec x = _mm256_castps_si256(v);
-  const ivec lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
-  return _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-}
 inline ivec pack(__m256 e, __m256 o) {
-  return _mm256_blend_epi16(_mm256_srli_epi32(round_bits(e), 16), round_bits(o), 0xAA);
+  return _mm256_blend_epi16(_mm256_srli_epi32(rne_bits(e), 16), rne_bits(o), 0xAA);
 }
 #endif
 
@@ -417,13 +421,8 @@ __attribute__((flatten)) float forward_row(const c10::BFloat16* hidden, const c1
     }
   });
   const float sum_sq = horizontal_sum(sum_slots(sq));
-  if (!std::isfinite(sum_sq)) {  // as in forward_row
-    for (int64_t j = 0; j < d; ++j) {
-      if (std::isnan(steer[j])) residual_out[j] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
-    }
-  }
-  float rstd = 1.0f / std::sqrt(sum_sq / static_cast<float>(d) + static_cast<float>(eps));
-  if (std::isnan(rstd)) rstd = std::numeric_limits<float>::quiet_NaN();
+  rewrite_table_nans(sum_sq, steer, residual_out, d);
+  const float rstd = canonical_nan(1.0f / std::sqrt(sum_sq / static_cast<float>(d) + static_cast<float>(eps)));
   const aVec rstd_v(rstd);
   for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto) {
     if constexpr (std::is_same_v<decltype(n), int64_t>) {
@@ -566,7 +565,7 @@ __attribute__((flatten)) void backward_row(const T* dy, const T* dres, const T* 
                                            const WeightT* weight, T* g, acc_t<T>* table_row, acc_t<T>* weight_row,
                                            int64_t d) {
   using A = acc_t<T>;
-  if (std::isnan(rs)) rs = std::numeric_limits<A>::quiet_NaN();
+  rs = canonical_nan(rs);
   using aVec = typename ChunkOf<T>::aVec;
   constexpr int64_t kChunk = ChunkOf<T>::kSize, W = ChunkOf<T>::kAccWidth;
   constexpr int kParts = ChunkOf<T>::kParts;
@@ -582,9 +581,7 @@ __attribute__((flatten)) void backward_row(const T* dy, const T* dres, const T* 
   });
   // sweep 2 (the row is in L1/L2 now): g = rstd * w * dy - x * (rstd^3 * dot / d) + dres
   const aVec rs_v(rs);
-  A coef_value = rs * rs * rs * horizontal_sum(sum_slots(dot)) / static_cast<A>(d);
-  if (std::isnan(coef_value)) coef_value = std::numeric_limits<A>::quiet_NaN();
-  const aVec coef(coef_value);
+  const aVec coef(canonical_nan(rs * rs * rs * horizontal_sum(sum_slots(dot)) / static_cast<A>(d)));
   for_each_chunk<kChunk>(d, [&](int64_t j, auto n, auto) {
     aVec dyv[kParts], xv[kParts], wv[kParts], gv[kParts], rv[kParts];
     load_chunk(dy + j, n, dyv);
