@@ -2,7 +2,10 @@
 //
 //   x = hidden + residual + table[index[t]]      (fp32; index None: row 0)
 //   residual_out = x rounded to the activation dtype (to nearest even)
-//   y = residual_out * rsqrt(mean(x^2) + eps) * weight
+//   y = residual_out * rsqrt(mean(x^2) + eps) * (weight_offset + weight)
+//
+// weight_offset is 0 for the usual RMSNorm and 1 for Gemma's, which stores w
+// and multiplies by 1 + w; the sum is formed in fp32 as the weight is widened.
 //
 // The schemas live here (TORCH_LIBRARY) so the op exists with or without
 // Triton; kernels/fused_add_steer_rms_norm.py adds the CUDA (Triton) kernels,
@@ -157,17 +160,16 @@ inline void load_weight_chunk(const WeightT* p, N n, aVec* out) {
 }
 
 // The weight for a run of rows: widened to fp32 once (bf16/fp16, more than
-// one row) rather than once per row and sweep; fn(pointer) runs the rows.
+// one row) rather than once per row and sweep, and offset + weight formed
+// there when the offset is not 0; fn(pointer) runs the rows.
 template <typename T, typename Fn>
-void with_row_weight(const T* weight, int64_t d, int64_t rows, Fn&& fn) {
+void with_row_weight(const T* weight, double offset, int64_t d, int64_t rows, Fn&& fn) {
   using A = acc_t<T>;
-  if constexpr (!std::is_same_v<T, A>) {
-    if (rows > 1) {
-      std::vector<A> widened(d);
-      for (int64_t j = 0; j < d; ++j) widened[j] = static_cast<A>(weight[j]);
-      fn(static_cast<const A*>(widened.data()));
-      return;
-    }
+  if (offset != 0 || (!std::is_same_v<T, A> && rows > 1)) {
+    std::vector<A> widened(d);
+    for (int64_t j = 0; j < d; ++j) widened[j] = static_cast<A>(offset) + static_cast<A>(weight[j]);
+    fn(static_cast<const A*>(widened.data()));
+    return;
   }
   fn(weight);
 }
@@ -378,17 +380,17 @@ constexpr int64_t kChunk = ChunkOf<c10::BFloat16>::kSize;  // 2W values a regist
 constexpr int64_t W = kChunk / 2;
 constexpr int64_t kMinRows = 4;  // below this the layout costs more than it saves
 
-// dst = src widened to fp32, each whole chunk as its W even then its W odd elements; the tail as is.
+// dst = offset + src widened to fp32, each whole chunk as its W even then its W odd elements; the tail as is.
 template <typename S>
-void layout(const S* src, float* dst, int64_t d) {
+void layout(const S* src, float* dst, int64_t d, float offset = 0) {
   int64_t j = 0;
   for (; j + kChunk <= d; j += kChunk) {
     for (int64_t i = 0; i < W; ++i) {
-      dst[j + i] = static_cast<float>(src[j + 2 * i]);
-      dst[j + W + i] = static_cast<float>(src[j + 2 * i + 1]);
+      dst[j + i] = offset + static_cast<float>(src[j + 2 * i]);
+      dst[j + W + i] = offset + static_cast<float>(src[j + 2 * i + 1]);
     }
   }
-  for (; j < d; ++j) dst[j] = static_cast<float>(src[j]);
+  for (; j < d; ++j) dst[j] = offset + static_cast<float>(src[j]);
 }
 
 // forward_row for bf16 with the steering row and the weight in even/odd layout
@@ -444,10 +446,10 @@ __attribute__((flatten)) float forward_row(const c10::BFloat16* hidden, const c1
 // Rows [begin, end) of a task; the steering row is laid out again when the index changes row.
 template <typename I>
 void forward_rows(const c10::BFloat16* hidden, const c10::BFloat16* residual, const float* table, const I* index,
-                  const c10::BFloat16* weight, c10::BFloat16* y, c10::BFloat16* residual_out, float* rstd_out,
-                  int64_t begin, int64_t end, int64_t d, double eps) {
+                  const c10::BFloat16* weight, double weight_offset, c10::BFloat16* y, c10::BFloat16* residual_out,
+                  float* rstd_out, int64_t begin, int64_t end, int64_t d, double eps) {
   std::vector<float> weight_eo(d), steer_eo(d);
-  layout(weight, weight_eo.data(), d);
+  layout(weight, weight_eo.data(), d, static_cast<float>(weight_offset));
   int64_t laid_out = -1;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t row = table_row(index, t), off = t * d;
@@ -465,17 +467,19 @@ void forward_rows(const c10::BFloat16* hidden, const c10::BFloat16* residual, co
 
 template <typename T, typename I>
 void forward_rows(const T* hidden, const T* residual, const acc_t<T>* table, const I* index, const T* weight,
-                  T* y, T* residual_out, acc_t<T>* rstd_out, int64_t num_tokens, int64_t d, double eps) {
+                  double weight_offset, T* y, T* residual_out, acc_t<T>* rstd_out, int64_t num_tokens, int64_t d,
+                  double eps) {
   at::parallel_for(0, num_tokens, grain_rows(d), [&](int64_t begin, int64_t end) {
 #ifdef STEERING_BF16_EVEN_ODD
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       if (end - begin >= even_odd::kMinRows) {
-        even_odd::forward_rows(hidden, residual, table, index, weight, y, residual_out, rstd_out, begin, end, d, eps);
+        even_odd::forward_rows(hidden, residual, table, index, weight, weight_offset, y, residual_out, rstd_out, begin,
+                               end, d, eps);
         return;
       }
     }
 #endif
-    with_row_weight(weight, d, end - begin, [&](const auto* w) {
+    with_row_weight(weight, weight_offset, d, end - begin, [&](const auto* w) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t off = t * d;  // int64: T * d can exceed 2^31
         const auto rstd = forward_row(hidden + off, residual + off, table + table_row(index, t) * d, w, y + off,
@@ -503,12 +507,12 @@ acc_t<T>* maybe_ptr(const at::Tensor& t) {
 }
 
 void launch_forward(const at::Tensor& hidden, const at::Tensor& residual, const at::Tensor& table,
-                    const std::optional<at::Tensor>& index, const at::Tensor& weight, double eps, at::Tensor& y,
-                    at::Tensor& residual_out, const at::Tensor& rstd) {
+                    const std::optional<at::Tensor>& index, const at::Tensor& weight, double eps,
+                    double weight_offset, at::Tensor& y, at::Tensor& residual_out, const at::Tensor& rstd) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "fused_add_steer_rms_norm", [&] {
     dispatch_index(index, [&](auto* idx) {
       forward_rows<scalar_t>(hidden.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(),
-                             table.data_ptr<acc_t<scalar_t>>(), idx, weight.data_ptr<scalar_t>(),
+                             table.data_ptr<acc_t<scalar_t>>(), idx, weight.data_ptr<scalar_t>(), weight_offset,
                              y.data_ptr<scalar_t>(), residual_out.data_ptr<scalar_t>(), maybe_ptr<scalar_t>(rstd),
                              hidden.size(0), hidden.size(1), eps);
     });
@@ -518,28 +522,29 @@ void launch_forward(const at::Tensor& hidden, const at::Tensor& residual, const 
 // In place: hidden <- y, residual <- residual_out. Within a row every element
 // is read before it is written, so the outputs may alias the inputs.
 void forward_inplace(at::Tensor& hidden, at::Tensor& residual, const at::Tensor& table,
-                     const std::optional<at::Tensor>& index, const at::Tensor& weight, double eps) {
+                     const std::optional<at::Tensor>& index, const at::Tensor& weight, double eps,
+                     double weight_offset) {
   check_forward_args(hidden, residual, table, index, weight);
   check_index_range(index, table.size(0));
-  launch_forward(hidden, residual, table, index, weight, eps, hidden, residual, at::Tensor());
+  launch_forward(hidden, residual, table, index, weight, eps, weight_offset, hidden, residual, at::Tensor());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& residual,
                                                       const at::Tensor& table, const std::optional<at::Tensor>& index,
-                                                      const at::Tensor& weight, double eps) {
+                                                      const at::Tensor& weight, double eps, double weight_offset) {
   check_forward_args(hidden, residual, table, index, weight);
   check_index_range(index, table.size(0));
   auto y = at::empty_like(hidden);
   auto residual_out = at::empty_like(residual);
   auto rstd = at::empty({hidden.size(0)}, table.options());  // accumulation dtype
-  launch_forward(hidden, residual, table, index, weight, eps, y, residual_out, rstd);
+  launch_forward(hidden, residual, table, index, weight, eps, weight_offset, y, residual_out, rstd);
   return {y, residual_out, rstd};
 }
 
 // ---------------------------------------------------------------------------
 // backward
 //
-// With xhat = x * rstd and wdy = weight * dy:
+// With xhat = x * rstd and wdy = (weight_offset + weight) * dy:
 //   g = rstd * (wdy - xhat * mean(wdy * xhat)) + d_residual_out
 // g is both d_hidden and d_residual. d_table[r] = sum of g over tokens with
 // index r, d_weight = sum over tokens of dy * xhat. Both are reduced in two
@@ -612,7 +617,7 @@ __attribute__((flatten)) void backward_row(const T* dy, const T* dres, const T* 
 
 template <typename T, typename I>
 void backward_rows(const T* dy, const T* dres, const T* x, const acc_t<T>* rstd, const I* index, const T* weight,
-                   T* g, acc_t<T>* table_partials, acc_t<T>* weight_partials, int64_t num_tokens, int64_t d,
+                   double weight_offset, T* g, acc_t<T>* table_partials, acc_t<T>* weight_partials, int64_t num_tokens, int64_t d,
                    int64_t num_rows, int64_t parts) {
   const int64_t rows_per_part = (num_tokens + parts - 1) / parts;
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
@@ -620,7 +625,7 @@ void backward_rows(const T* dy, const T* dres, const T* x, const acc_t<T>* rstd,
       acc_t<T>* tp = table_partials == nullptr ? nullptr : table_partials + p * num_rows * d;
       acc_t<T>* wp = weight_partials == nullptr ? nullptr : weight_partials + p * d;
       const int64_t t_begin = p * rows_per_part, t_end = std::min(num_tokens, (p + 1) * rows_per_part);
-      with_row_weight(weight, d, t_end - t_begin, [&](const auto* w) {
+      with_row_weight(weight, weight_offset, d, t_end - t_begin, [&](const auto* w) {
         for (int64_t t = t_begin; t < t_end; ++t) {
           const int64_t off = t * d;
           backward_row(dy + off, dres == nullptr ? nullptr : dres + off, x + off, rstd[t], w, g + off,
@@ -651,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
                                                        const at::Tensor& residual_out, const at::Tensor& rstd,
                                                        const std::optional<at::Tensor>& index,
                                                        const at::Tensor& weight, int64_t num_table_rows,
-                                                       bool table_grad, bool weight_grad) {
+                                                       bool table_grad, bool weight_grad, double weight_offset) {
   TORCH_CHECK_VALUE(residual_out.dim() == 2, "fused_add_steer_rms_norm backward: residual_out must be 2-D");
   const int64_t T = residual_out.size(0), d = residual_out.size(1);
   const auto acc_type = residual_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -682,7 +687,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
     dispatch_index(index, [&](auto* idx) {
       backward_rows<scalar_t>(dy.data_ptr<scalar_t>(), dres.has_value() ? dres->data_ptr<scalar_t>() : nullptr,
                               x.data_ptr<scalar_t>(), rstd.data_ptr<A>(), idx, weight.data_ptr<scalar_t>(),
-                              g.data_ptr<scalar_t>(), maybe_ptr<scalar_t>(table_partials),
+                              weight_offset, g.data_ptr<scalar_t>(), maybe_ptr<scalar_t>(table_partials),
                               maybe_ptr<scalar_t>(weight_partials), T, d, num_table_rows, parts);
     });
     if (weight_grad) sum_parts(weight_partials.data_ptr<A>(), parts, d, d_weight.data_ptr<scalar_t>());
@@ -735,13 +740,14 @@ std::string cpu_capability() { return STEERING_STR(STEERING_CPU_ISA); }
 TORCH_LIBRARY(steering, m) {
   m.def(
       "fused_add_steer_rms_norm_(Tensor(a!) hidden, Tensor(b!) residual, Tensor table, Tensor? index, "
-      "Tensor weight, float eps) -> ()");
+      "Tensor weight, float eps, float weight_offset=0.) -> ()");
   m.def(
       "fused_add_steer_rms_norm_fwd(Tensor hidden, Tensor residual, Tensor table, Tensor? index, "
-      "Tensor weight, float eps) -> (Tensor y, Tensor residual_out, Tensor rstd)");
+      "Tensor weight, float eps, float weight_offset=0.) -> (Tensor y, Tensor residual_out, Tensor rstd)");
   m.def(
       "fused_add_steer_rms_norm_bwd(Tensor grad_y, Tensor? grad_residual_out, Tensor residual_out, Tensor rstd, "
-      "Tensor? index, Tensor weight, int num_table_rows, bool table_grad, bool weight_grad) "
+      "Tensor? index, Tensor weight, int num_table_rows, bool table_grad, bool weight_grad, "
+      "float weight_offset=0.) "
       "-> (Tensor grad_input, Tensor grad_table, Tensor grad_weight)");
   m.def("cpu_capability() -> str", &cpu_capability);
   m.def("bandwidth_reference_(Tensor(a!) a, Tensor(b!) b) -> ()");

@@ -1,7 +1,10 @@
 """Fused residual add + steering bias + RMSNorm (DESIGN.md section 3).
 
     residual_out = hidden + residual + table[index[t]]      (index None: row 0)
-    y            = residual_out * rsqrt(mean(residual_out^2) + eps) * weight
+    y            = residual_out * rsqrt(mean(residual_out^2) + eps) * (weight_offset + weight)
+
+weight_offset is 0 (the default) for RMSNorm and 1 for Gemma's norm, which stores w and multiplies by 1 + w:
+the op forms the sum in fp32, so nothing is materialised per call and a bf16 weight is not rounded after it.
 
 Three ops in the `steering` namespace, their schemas and CPU kernels defined in
 csrc/fused_add_steer_rms_norm.cpp; this file adds the Triton kernels for CUDA,
@@ -69,6 +72,7 @@ def _fused_add_steer_rms_norm_fwd_kernel(
     rstd_ptr,
     n_cols,
     eps,
+    weight_offset,
     HAS_INDEX: tl.constexpr,
     STORE_RSTD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -90,7 +94,7 @@ def _fused_add_steer_rms_norm_fwd_kernel(
 
     # variance in fp32
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
 
     # the outputs may alias hidden and residual: each element was read above. y is the norm of residual_out
     # as stored (rounded to its dtype), like the C++ op, vLLM's own op and the HF models
@@ -116,6 +120,7 @@ def _fused_add_steer_rms_norm_bwd_kernel(
     n_cols,
     rows_per_program,
     table_partial_stride,
+    weight_offset,
     HAS_GRAD_RESIDUAL: tl.constexpr,
     HAS_INDEX: tl.constexpr,
     TABLE_GRAD: tl.constexpr,
@@ -127,7 +132,7 @@ def _fused_add_steer_rms_norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
     table_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
     weight_acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
     table_partial = table_partials_ptr + pid.to(tl.int64) * table_partial_stride
@@ -261,7 +266,7 @@ def _check_forward_args(hidden, residual, table, index, weight) -> None:
                 )
 
 
-def _launch_forward(hidden, residual, table, index, weight, eps, y, residual_out, rstd) -> None:
+def _launch_forward(hidden, residual, table, index, weight, eps, weight_offset, y, residual_out, rstd) -> None:
     n_rows, n_cols = hidden.shape
     if n_rows == 0:
         return
@@ -277,6 +282,7 @@ def _launch_forward(hidden, residual, table, index, weight, eps, y, residual_out
         rstd if rstd is not None else table,
         n_cols,
         eps,
+        weight_offset,
         HAS_INDEX=index is not None,
         STORE_RSTD=rstd is not None,
         BLOCK_SIZE=block,
@@ -284,19 +290,19 @@ def _launch_forward(hidden, residual, table, index, weight, eps, y, residual_out
     )
 
 
-def triton_forward_(hidden, residual, table, index, weight, eps) -> None:
+def triton_forward_(hidden, residual, table, index, weight, eps, weight_offset=0.0) -> None:
     """In place: hidden <- y, residual <- residual_out. No allocation, no host sync on CUDA."""
     _check_forward_args(hidden, residual, table, index, weight)
-    _launch_forward(hidden, residual, table, index, weight, eps, hidden, residual, None)
+    _launch_forward(hidden, residual, table, index, weight, eps, weight_offset, hidden, residual, None)
 
 
-def triton_forward(hidden, residual, table, index, weight, eps):
+def triton_forward(hidden, residual, table, index, weight, eps, weight_offset=0.0):
     """-> (y, residual_out, rstd[T] fp32)."""
     _check_forward_args(hidden, residual, table, index, weight)
     y = torch.empty_like(hidden)
     residual_out = torch.empty_like(residual)
     rstd = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    _launch_forward(hidden, residual, table, index, weight, eps, y, residual_out, rstd)
+    _launch_forward(hidden, residual, table, index, weight, eps, weight_offset, y, residual_out, rstd)
     return y, residual_out, rstd
 
 
@@ -309,7 +315,8 @@ def _sum_partials(partials: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def triton_backward(
-    grad_y, grad_residual_out, residual_out, rstd, index, weight, num_table_rows, table_grad, weight_grad
+    grad_y, grad_residual_out, residual_out, rstd, index, weight, num_table_rows, table_grad, weight_grad,
+    weight_offset=0.0,
 ):
     """-> (grad_input [T, d] = d_hidden = d_residual, d_table [R, d] fp32 or [0, d], d_weight [d] or [0])."""
     n_rows, n_cols = residual_out.shape
@@ -345,6 +352,7 @@ def triton_backward(
         n_cols,
         triton.cdiv(n_rows, n_programs),
         table_floats,
+        weight_offset,
         HAS_GRAD_RESIDUAL=dres is not None,
         HAS_INDEX=index is not None,
         TABLE_GRAD=table_grad,
@@ -377,45 +385,50 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("steering::fused_add_steer_rms_norm_")
-def _(hidden, residual, table, index, weight, eps) -> None:
+def _(hidden, residual, table, index, weight, eps, weight_offset=0.0) -> None:
     return None
 
 
 @torch.library.register_fake("steering::fused_add_steer_rms_norm_fwd")
-def _(hidden, residual, table, index, weight, eps):
+def _(hidden, residual, table, index, weight, eps, weight_offset=0.0):
     rstd = hidden.new_empty((hidden.shape[0],), dtype=_acc_dtype(hidden.dtype))
     return torch.empty_like(hidden), torch.empty_like(residual), rstd
 
 
 @torch.library.register_fake("steering::fused_add_steer_rms_norm_bwd")
-def _(grad_y, grad_residual_out, residual_out, rstd, index, weight, num_table_rows, table_grad, weight_grad):
+def _(grad_y, grad_residual_out, residual_out, rstd, index, weight, num_table_rows, table_grad, weight_grad,
+      weight_offset=0.0):
     d = residual_out.shape[1]
     d_table = residual_out.new_empty((num_table_rows if table_grad else 0, d), dtype=_acc_dtype(residual_out.dtype))
     return torch.empty_like(residual_out), d_table, weight.new_empty((d if weight_grad else 0,))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, residual, table, index, weight, eps = inputs
+    # inputs holds weight_offset only where a caller passed it: torch leaves out trailing defaults
+    hidden, residual, table, index, weight, eps, *weight_offset = inputs
     _, residual_out, rstd = output
     ctx.save_for_backward(residual_out, rstd, index, weight)
     ctx.num_table_rows = table.shape[0]
+    ctx.weight_offset = weight_offset[0] if weight_offset else 0.0
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(rstd)
 
 
 def _backward(ctx, grad_y, grad_residual_out, _grad_rstd):
     residual_out, rstd, index, weight = ctx.saved_tensors
-    need_hidden, need_residual, need_table, _, need_weight, _ = ctx.needs_input_grad
+    need_hidden, need_residual, need_table, _, need_weight, *_ = ctx.needs_input_grad
     grad_input, d_table, d_weight = torch.ops.steering.fused_add_steer_rms_norm_bwd(
-        grad_y, grad_residual_out, residual_out, rstd, index, weight, ctx.num_table_rows, need_table, need_weight
+        grad_y, grad_residual_out, residual_out, rstd, index, weight, ctx.num_table_rows, need_table, need_weight,
+        ctx.weight_offset,
     )
-    return (
+    grads = (
         grad_input if need_hidden else None,
         grad_input if need_residual else None,
         d_table if need_table else None,
         None,
         d_weight if need_weight else None,
-        None,
     )
+    return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
 torch.library.register_autograd("steering::fused_add_steer_rms_norm_fwd", _backward, setup_context=_setup_context)
@@ -441,17 +454,19 @@ def fused_add_steer_rms_norm(
     index: torch.Tensor | None,
     weight: torch.Tensor,
     eps: float,
+    weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Functional form with autograd (the learner's).
 
     hidden, residual: [..., d] (bf16 / fp16 / fp32; fp64 on CPU); table: [R, d] fp32 (fp64 with
-    fp64 activations); index: [...] int32/int64 rows of table, or None for row 0; weight: [d].
+    fp64 activations); index: [...] int32/int64 rows of table, or None for row 0; weight: [d];
+    weight_offset: 1.0 for Gemma's norm (multiplies by 1 + weight), else 0.0.
     Returns (y, residual_out), both shaped like hidden. Gradients flow to hidden, residual,
     table and weight; d_hidden and d_residual are the same tensor.
     """
     d = hidden.shape[-1]
     y, residual_out, _ = torch.ops.steering.fused_add_steer_rms_norm_fwd(
-        _as_rows(hidden, d), _as_rows(residual, d), table, _as_rows(index), weight, eps
+        _as_rows(hidden, d), _as_rows(residual, d), table, _as_rows(index), weight, eps, weight_offset
     )
     return y.view(hidden.shape), residual_out.view(residual.shape)
 
@@ -463,6 +478,7 @@ def fused_add_steer_rms_norm_(
     index: torch.Tensor | None,
     weight: torch.Tensor,
     eps: float,
+    weight_offset: float = 0.0,
 ) -> None:
     """In-place form (the inference engine's): hidden <- y, residual <- residual_out.
 
@@ -473,4 +489,4 @@ def fused_add_steer_rms_norm_(
     d = hidden.shape[-1]
     if hidden.dim() != 2 and hidden.is_contiguous() and residual.is_contiguous():
         hidden, residual = hidden.view(-1, d), residual.view(-1, d)
-    torch.ops.steering.fused_add_steer_rms_norm_(hidden, residual, table, _as_rows(index), weight, eps)
+    torch.ops.steering.fused_add_steer_rms_norm_(hidden, residual, table, _as_rows(index), weight, eps, weight_offset)

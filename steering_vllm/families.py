@@ -11,5 +11,18 @@ FAMILIES = {
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("mistral", "MistralForCausalLM"),
     "Ministral3ForCausalLM": ("mistral", "MistralForCausalLM"),  # vLLM serves it with the Mistral class
+    # Gemma's norms multiply by 1 + weight (vLLM's GemmaRMSNorm); their layers also norm each branch before its
+    # add (post-attention / pre- and post-feedforward norms), which leaves the block output at hidden + residual.
+    "Gemma2ForCausalLM": ("gemma2", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
 }
 ARCHITECTURES = {name: f"steering_vllm.models:Steered{cls}" for name, (_, cls) in FAMILIES.items()}
+
+# Hugging Face norm classes that multiply by ``1 + weight`` (the learner and the logit lens read their weight so);
+# every other family's RMSNorm multiplies by ``weight``.
+ONE_PLUS_WEIGHT_NORMS = ("Gemma2RMSNorm", "Gemma3RMSNorm")
+
+
+def norm_weight_offset(norm) -> float:
+    """1.0 for a norm that multiplies by ``1 + weight`` (Gemma's), else 0.0: the op's ``weight_offset``."""
+    return 1.0 if type(norm).__name__ in ONE_PLUS_WEIGHT_NORMS else 0.0

@@ -1,4 +1,4 @@
-"""Steered vLLM models: vLLM's own classes with the norms after layers 0..L-1 swapped for SteeredRMSNorm.
+"""Steered vLLM models: vLLM's own classes with the norms after layers 0..L-1 swapped for their steered forms.
 
 One mechanism for every family in ``steering_vllm.families``: ``Steered<Class>`` (e.g.
 ``SteeredQwen2ForCausalLM``) is vLLM's class with ``SteeringMixin`` mixed in, built on first use, and the
@@ -15,12 +15,11 @@ from collections import deque
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
-from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.models.utils import PPMissingLayer
 
 from steering_vllm.config import per_request_options, steering_options
 from steering_vllm.families import FAMILIES
-from steering_vllm.norm import SteeredRMSNorm
+from steering_vllm.norm import SteeringBuffers, steered_norm
 from steering_vllm.vectors import SteeringVectors, table_hash
 
 logger = init_logger(__name__)
@@ -51,12 +50,13 @@ class SteeringMixin:
         self.steering_table_rows = rows
         for idx in range(max(decoder.start_layer, 1), decoder.end_layer):
             layer = decoder.layers[idx]
-            norm = _checked_norm(getattr(layer, "input_layernorm", None), f"model.layers.{idx}.input_layernorm")
-            layer.input_layernorm = SteeredRMSNorm.replacing(norm, idx - 1, rows, self.steering_index)
+            name = f"model.layers.{idx}.input_layernorm"
+            layer.input_layernorm = steered_norm(
+                getattr(layer, "input_layernorm", None), name, idx - 1, rows, self.steering_index
+            )
         # Some families build the final norm on every pipeline rank; only the last rank runs it.
         if decoder.end_layer == self.steering_num_layers and not isinstance(decoder.norm, PPMissingLayer):
-            norm = _checked_norm(decoder.norm, "model.norm")
-            decoder.norm = SteeredRMSNorm.replacing(norm, self.steering_num_layers - 1, rows, self.steering_index)
+            decoder.norm = steered_norm(decoder.norm, "model.norm", self.steering_num_layers - 1, rows, self.steering_index)
 
         self._steering_history: deque[dict] = deque(maxlen=HISTORY_LENGTH)
         self._record_steering(SteeringVectors.zeros(self.steering_num_layers, self.steering_hidden_size))
@@ -79,8 +79,8 @@ class SteeringMixin:
         """[L, d] float32: row ``row`` of this rank's tables (zero rows for layers other ranks hold)."""
         return self._with_buffers(torch.zeros(self.steering_num_layers, self.steering_hidden_size), row)
 
-    def steering_norms(self) -> list[SteeredRMSNorm]:
-        return [m for m in self.modules() if isinstance(m, SteeredRMSNorm)]
+    def steering_norms(self) -> list[SteeringBuffers]:
+        return [m for m in self.modules() if isinstance(m, SteeringBuffers)]
 
     def set_steering(self, vectors: SteeringVectors, model_name: str | None = None) -> str:
         """Copy ``vectors`` into this rank's steering buffers, in place (addresses never change).
@@ -137,16 +137,6 @@ class SteeringMixin:
         for norm in self.steering_norms():
             table[norm.steered_layer] = norm.steering_table[row].cpu()
         return table
-
-
-def _checked_norm(norm, name: str) -> RMSNorm:
-    """The steering mechanism's one assumption about a family: these norms are vLLM's ``RMSNorm``."""
-    if not isinstance(norm, RMSNorm):
-        raise NotImplementedError(
-            f"steering: {name} is {type(norm).__name__}, not vLLM's RMSNorm; this model's layers do not have the "
-            "shape the steering mechanism needs (DESIGN.md §2)"
-        )
-    return norm
 
 
 def steered_class(base: type) -> type:

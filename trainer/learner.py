@@ -5,16 +5,25 @@ It runs the model's own submodules (embeddings, attention, MLP, norms, rotary) b
 residual)`` across layers the way vLLM does, so that "residual add + steering vector + next RMSNorm" is one
 call of the fused op in its autograd form, the same op the rollout engine runs in place. Layer ``l``'s
 vector enters layer ``l+1``'s input norm (the final norm for the last layer); see DESIGN.md §2.
+
+Family differences it follows: per-layer attention masks (sliding windows) and, for Gemma 3, per-layer-type
+rotary embeddings; Gemma's norms on both branches of a layer and its ``1 + weight`` norms; attention logit
+soft-capping (Gemma 2: eager attention, as SDPA drops the cap) and final logit soft-capping.
 """
 
 from __future__ import annotations
+
+import inspect
+import logging
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from steering_vllm.families import FAMILIES
+from steering_vllm.families import FAMILIES, norm_weight_offset
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED = tuple(FAMILIES)
 LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -34,6 +43,10 @@ class SteeredLearner(nn.Module):
                 raise ValueError(f"learner: model.layers.{index} ({type(layer).__name__}) has no {missing}")
         self.model = model.requires_grad_(False)
         config = model.config
+        if getattr(config, "attn_logit_softcapping", None) and config._attn_implementation not in _SOFTCAP_ATTENTION:
+            # SDPA ignores the cap, so the learner would score other logits than the engine samples from
+            logger.info("learner: %s attention ignores attn_logit_softcapping; using eager", config._attn_implementation)
+            model.set_attn_implementation("eager")
         shape = (config.num_hidden_layers, config.hidden_size)
         if steering is None:
             steering = torch.zeros(shape)
@@ -52,20 +65,31 @@ class SteeredLearner(nn.Module):
     ) -> torch.Tensor:
         """log p(token t | tokens < t) at ``temperature``, [B, T-1] float32 (entry t-1 scores token t)."""
         hidden = self(input_ids, attention_mask)[:, :-1]
-        logits = self.model.get_output_embeddings()(hidden)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        logits = output_logits(self.model, hidden) / temperature
         targets = input_ids[:, 1:]
         return logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
 
 
+_SOFTCAP_ATTENTION = ("eager", "flex_attention")  # HF attention implementations that apply the cap
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits of final hidden states, at least float32, soft-capped where the model caps them."""
+    logits = model.get_output_embeddings()(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
 def steered_hidden_states(model, steering, input_ids, attention_mask, gradient_checkpointing=False) -> torch.Tensor:
     decoder = model.model
-    embeds = decoder.embed_tokens(input_ids)
+    embeds = decoder.embed_tokens(input_ids)  # Gemma's embedding module scales by sqrt(d) itself
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    masks = attention_masks(decoder.config, embeds, attention_mask, position_ids)
-    rotary = decoder.rotary_emb(embeds, position_ids)
+    types = layer_types(decoder.config)
+    masks = attention_masks(decoder.config, types, embeds, attention_mask, position_ids)
+    rotaries = rotary_embeddings(decoder.rotary_emb, types, embeds, position_ids)
     hidden, residual = None, embeds
-    for index, (layer, mask) in enumerate(zip(decoder.layers, masks, strict=True)):
+    for index, (layer, mask, rotary) in enumerate(zip(decoder.layers, masks, rotaries, strict=True)):
         vector = steering[index - 1 : index] if index > 0 else None
         if gradient_checkpointing and torch.is_grad_enabled():
             hidden, residual = checkpoint(
@@ -77,15 +101,23 @@ def steered_hidden_states(model, steering, input_ids, attention_mask, gradient_c
     return out
 
 
-def attention_masks(config, embeds, attention_mask, position_ids) -> list:
-    """Each layer's attention mask, as the HF model builds them: causal, or causal within a sliding window for
-    the layers ``config.layer_types`` marks (or every layer, for Mistral's single ``sliding_window``)."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
+def layer_types(config) -> list[str]:
+    """Each layer's attention type: ``config.layer_types``, or for Mistral's single ``sliding_window`` every
+    layer sliding."""
     types = list(getattr(config, "layer_types", None) or [])
     if not types:
         sliding = getattr(config, "sliding_window", None) is not None
         types = ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("learner: use_bidirectional_attention models are not causal decoders; not supported")
+    return types
+
+
+def attention_masks(config, types, embeds, attention_mask, position_ids) -> list:
+    """Each layer's attention mask, as the HF model builds them: causal, or causal within a sliding window for
+    the layers whose type is ``sliding_attention``."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
     arguments = dict(config=config, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=None,
                      position_ids=position_ids)  # fmt: skip
     builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
@@ -93,6 +125,15 @@ def attention_masks(config, embeds, attention_mask, position_ids) -> list:
     if unknown:
         raise ValueError(f"learner: layer types {sorted(unknown)} are not supported (only {sorted(builders)})")
     built = {kind: builders[kind](**arguments) for kind in set(types)}
+    return [built[kind] for kind in types]
+
+
+def rotary_embeddings(rotary_emb, types, embeds, position_ids) -> list:
+    """Each layer's (cos, sin): one for all layers, or one per layer type where the model has a RoPE per type
+    (Gemma 3: local and global bases)."""
+    if "layer_type" not in inspect.signature(rotary_emb.forward).parameters:
+        return [rotary_emb(embeds, position_ids)] * len(types)
+    built = {kind: rotary_emb(embeds, position_ids, kind) for kind in set(types)}
     return [built[kind] for kind in types]
 
 
@@ -104,8 +145,12 @@ def _layer(layer, hidden, residual, vector, mask, rotary, position_ids):
     attention = layer.self_attn(
         hidden_states=hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids
     )[0]
-    residual = residual + attention
-    hidden = layer.mlp(layer.post_attention_layernorm(residual))
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: each branch normed before its add
+        residual = residual + layer.post_attention_layernorm(attention)
+        hidden = layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(residual)))
+    else:
+        residual = residual + attention
+        hidden = layer.mlp(layer.post_attention_layernorm(residual))
     return hidden, residual
 
 
@@ -114,6 +159,7 @@ def steered_norm(hidden, residual, vector, norm) -> tuple[torch.Tensor, torch.Te
     shape = residual.shape
     eps = getattr(norm, "variance_epsilon", None) or norm.eps
     y, residual_out = kernels.fused_add_steer_rms_norm(
-        hidden.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1]), vector, None, norm.weight, eps
+        hidden.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1]), vector, None, norm.weight, eps,
+        norm_weight_offset(norm),
     )
     return y.view(shape), residual_out.view(shape)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from steering_vllm.families import norm_weight_offset
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
 
 _CHUNK_ROWS = 8192  # unembedding rows converted to float32 at a time
@@ -106,7 +107,10 @@ def load_unembedding(model: str) -> tuple[torch.Tensor, torch.Tensor, object, ob
     norm = getattr(lm.get_decoder(), "norm", None)
     if lm.get_output_embeddings() is None or norm is None:
         raise ValueError(f"{model}: no output embeddings or final norm found on {type(lm).__name__}")
-    return lm.get_output_embeddings().weight.detach(), norm.weight.detach(), lm.config.get_text_config(), tokenizer
+    # the weight the final norm multiplies by: 1 + weight for Gemma's. (Gemma's final logit soft-capping is
+    # a monotone map of each logit, so it changes no ranking here.)
+    norm_weight = norm.weight.detach() + norm_weight_offset(norm)
+    return lm.get_output_embeddings().weight.detach(), norm_weight, lm.config.get_text_config(), tokenizer
 
 
 # ---- writers -----------------------------------------------------------------------------------------------

@@ -67,7 +67,9 @@ def hf_reference(model_dir, table: torch.Tensor | None, prompts, generations) ->
     """Teacher-forced HF logprobs of the generated tokens, and the HF argmax at each step."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    # eager attention: SDPA drops Gemma 2's attention logit soft cap, which vLLM applies
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    model.eval()
     if table is not None:
         for layer, block in enumerate(model.model.layers):
             block.register_forward_hook(_add_to_output(table[layer]))

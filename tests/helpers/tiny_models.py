@@ -1,4 +1,4 @@
-"""Tiny checkpoints of each steered family (Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral) built from configs
+"""Tiny checkpoints of each steered family (Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral, Gemma 2, Gemma 3) built from configs
 (random weights, norm weights and biases included; a BPE tokenizer trained here).
 
 head_dim is 64 because vLLM's CPU attention does not support smaller heads (DESIGN.md §5).
@@ -41,6 +41,12 @@ def build_tokenizer(directory: Path):
     return fast
 
 
+GEMMA = {
+    "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 64,
+    "sliding_window": 128,
+    "layer_types": ["sliding_attention", "full_attention"] * 2,
+}
 # family -> (HF config class, HF model class, config options beyond the common ones)
 FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
@@ -50,6 +56,11 @@ FAMILIES = {
                   {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "norm_topk_prob": True}),
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    # Gemma: tied embeddings (vLLM's Gemma 2 has no lm_head), sliding windows shorter than the test prompts, and
+    # soft caps low enough that dropping one moves the logprobs of a model this small
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {**GEMMA, "final_logit_softcapping": 3.0, "attn_logit_softcapping": 1.0}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**GEMMA, "final_logit_softcapping": None}),
 }  # fmt: skip
 
 
@@ -78,7 +89,7 @@ def build_tiny_model(directory: Path, family: str, seed: int = 0) -> Path:
     if family not in FAMILIES:
         raise ValueError(f"{family}: not one of {sorted(FAMILIES)}")
     config_name, model_name, extra = FAMILIES[family]
-    config = getattr(transformers, config_name)(**common, **extra)
+    config = getattr(transformers, config_name)(**{**common, **extra})
     model_class = getattr(transformers, model_name)
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
@@ -94,6 +105,8 @@ def randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):  # input / post-attention norms, model.norm, Qwen3's q_norm / k_norm
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+                # Gemma's norms multiply by 1 + weight: its weights sit around 0
+                centre = 0.0 if type(model).__name__.startswith("Gemma") else 1.0
+                p.copy_(centre + 0.3 * torch.randn(p.shape, generator=g))
             elif name.endswith(".bias"):  # Qwen2's q/k/v projections
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))

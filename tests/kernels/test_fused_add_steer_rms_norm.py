@@ -268,6 +268,36 @@ def test_backward_computes_only_requested_grads(backend):
     torch.testing.assert_close(g, g_all, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_weight_offset_multiplies_by_offset_plus_weight(case, dtype):
+    """Gemma's norm: y = rmsnorm(x) * (1 + w) with w stored, 1 + w formed in fp32; forward, in place, backward."""
+    backend, (T, d, R, with_index) = case
+    device, ops = BACKENDS[backend]
+    forward, forward_, backward = ops()
+    hidden, residual, table, index, _ = make_inputs(T, d, R, dtype, device, with_index)
+    weight = (0.3 * torch.randn(d, device=device)).to(dtype)  # Gemma's weights sit around 0, not 1
+    y, residual_out, rstd = forward(hidden, residual, table, index, weight, EPS, 1.0)
+    grad_y, grad_res = torch.randn_like(hidden), torch.randn_like(hidden)
+    g, d_table, d_weight = backward(grad_y, grad_res, residual_out, rstd, index, weight, R, True, True, 1.0)
+
+    cpu = [t.cpu() if t is not None else None for t in (hidden, residual, table, index, weight)]
+    y_ref, x_ref = fused_add_steer_rms_norm_reference(*[t.double() if t is not None and t.is_floating_point()
+                                                       else t for t in cpu], EPS, weight_offset=1.0)  # fmt: skip
+    assert_close(residual_out.cpu(), x_ref, FWD_ULPS * ULP[dtype], "residual_out")
+    assert_close(y.cpu(), y_ref, FWD_ULPS * ULP[dtype], "y")
+    leaves = [t.detach().double().requires_grad_() for t in cpu[:3] + cpu[4:]]
+    y2, x2 = fused_add_steer_rms_norm_reference(*leaves[:3], cpu[3], leaves[3], EPS, weight_offset=1.0)
+    ((y2 * grad_y.cpu().double()).sum() + (x2 * grad_res.cpu().double()).sum()).backward()
+    assert_close(g.cpu(), leaves[0].grad, BWD_ULPS * ULP[dtype], "grad hidden/residual")
+    assert_close(d_table.cpu(), leaves[2].grad, BWD_ULPS * ULP[dtype], "grad table")
+    assert_close(d_weight.cpu(), leaves[3].grad, BWD_ULPS * ULP[dtype], "grad weight")
+
+    h, r = hidden.clone(), residual.clone()
+    forward_(h, r, table, index, weight, EPS, 1.0)
+    assert torch.equal(h, y) and torch.equal(r, residual_out)
+
+
 def test_autograd_matches_reference_with_frozen_weight():
     """The learner's case: only the table trains; hidden/residual carry gradients through."""
     T, d, R = 23, 96, 3
@@ -294,6 +324,7 @@ def test_gradcheck_float64_cpu_op(with_index):
     hidden, residual, table, index, weight = make_inputs(4, 19, 3, torch.float64, with_index=with_index)
     inputs = [t.requires_grad_() for t in (hidden, residual, table)] + [index, weight.requires_grad_(), EPS]
     assert torch.autograd.gradcheck(fused_add_steer_rms_norm, inputs, eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(fused_add_steer_rms_norm, inputs + [1.0], eps=1e-6, atol=1e-7)  # Gemma's norm
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -322,9 +353,9 @@ def test_table_and_weight_grads_are_bitwise_repeatable(backend):
 
 def _opcheck_samples(device):
     samples = []
-    for dtype, with_index in ((torch.float32, True), (torch.bfloat16, False)):
+    for dtype, with_index, offset in ((torch.float32, True, 0.0), (torch.bfloat16, False, 1.0)):
         hidden, residual, table, index, weight = make_inputs(6, 64, 2, dtype, device, with_index)
-        samples.append((hidden, residual, table, index, weight, EPS))
+        samples.append((hidden, residual, table, index, weight, EPS, offset))
     return samples
 
 
@@ -334,11 +365,13 @@ def test_opcheck_inplace_and_functional_ops():
             torch.ops.steering.fused_add_steer_rms_norm_.default,
             [a.clone() if isinstance(a, torch.Tensor) else a for a in args],
         )
-        hidden, residual, table, index, weight, eps = args
-        grad_args = (hidden.requires_grad_(), residual.requires_grad_(), table.requires_grad_(), index, weight, eps)
+        hidden, residual, table, index, weight, eps, offset = args
+        grad_args = (
+            hidden.requires_grad_(), residual.requires_grad_(), table.requires_grad_(), index, weight, eps, offset
+        )
         torch.library.opcheck(torch.ops.steering.fused_add_steer_rms_norm_fwd.default, grad_args)
         _, residual_out, rstd = torch.ops.steering.fused_add_steer_rms_norm_fwd(*args)
-        bwd_args = (torch.randn_like(hidden), None, residual_out.detach(), rstd, index, weight, 2, True, True)
+        bwd_args = (torch.randn_like(hidden), None, residual_out.detach(), rstd, index, weight, 2, True, True, offset)
         torch.library.opcheck(torch.ops.steering.fused_add_steer_rms_norm_bwd.default, bwd_args)
 
 

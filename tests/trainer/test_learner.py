@@ -28,8 +28,33 @@ def _hooked_logprobs(model, table, ids, mask, temperature=1.0):
 def test_logprobs_and_gradient_match_the_hooked_hf_model(tiny_model_dirs, family, checkpointing):
     # the MoE experts' default kernel (grouped_mm) has no float64: the eager loop over experts does
     options = {"experts_implementation": "eager"} if family == "qwen3_moe" else {}
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs[family]), dtype=torch.float64, **options)
+    # eager attention: the reference must apply Gemma 2's attention soft cap, which SDPA drops
+    model = AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dirs[family]), dtype=torch.float64, attn_implementation="eager", **options
+    )
     _check_against_hooks(model.eval(), checkpointing)
+
+
+def test_gemma2_learner_applies_the_attention_soft_cap_that_sdpa_drops(tiny_model_dirs):
+    """Loaded with SDPA (transformers' default), Gemma 2 would lose its attention logit cap, which vLLM applies:
+    the learner switches it to eager attention, and matches the capped reference."""
+    directory = str(tiny_model_dirs["gemma2"])
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64, attn_implementation="sdpa").eval()
+    learner = SteeredLearner(model)
+    learner.steering.data = learner.steering.data.double()  # float64 throughout for the comparison
+    assert model.config._attn_implementation == "eager"
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64, attn_implementation="eager")
+    ids = torch.randint(1, model.config.vocab_size, (2, 24))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = _hooked_logprobs(reference.eval(), torch.zeros(4, model.config.hidden_size), ids, mask)
+        uncapped = _hooked_logprobs(
+            AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64, attn_implementation="sdpa").eval(),
+            torch.zeros(4, model.config.hidden_size), ids, mask,
+        )
+        ours = learner.token_logprobs(ids, mask)
+    assert (expected - uncapped).abs().max() > 1e-3  # the cap matters for this model
+    assert torch.allclose(ours, expected, atol=1e-6, rtol=0)
 
 
 def test_sliding_window_layers_get_their_own_mask(tiny_model_dirs):
