@@ -184,3 +184,18 @@ def test_cli_missing_or_unreadable_inputs(tiny_model_dirs, tmp_path, capsys):
     assert logit_lens.main([str(vectors), "--model", str(tmp_path / "no-such-model")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot load model") and "no such directory" in err
+
+
+def test_gemma_final_norm_weight_is_one_plus_the_stored_weight(tiny_model_dirs):
+    """Gemma's final norm multiplies by 1 + weight, and its unembedding is the (unscaled) tied embedding."""
+    from transformers import AutoModelForCausalLM
+
+    model = str(tiny_model_dirs["gemma3"])
+    unembedding, norm_weight, _, _ = logit_lens.load_unembedding(model)
+    lm = AutoModelForCausalLM.from_pretrained(model)
+    assert torch.equal(unembedding, lm.model.embed_tokens.weight.detach())
+    assert torch.equal(norm_weight, lm.model.norm.weight.detach() + 1)
+    # what the model does to a final hidden state h before unembedding, with the weight the lens applies
+    h = torch.randn(5, lm.config.hidden_size)
+    expected = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + lm.config.rms_norm_eps) * norm_weight
+    torch.testing.assert_close(lm.model.norm(h), expected)
