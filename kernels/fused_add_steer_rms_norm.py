@@ -315,7 +315,15 @@ def _sum_partials(partials: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def triton_backward(
-    grad_y, grad_residual_out, residual_out, rstd, index, weight, num_table_rows, table_grad, weight_grad,
+    grad_y,
+    grad_residual_out,
+    residual_out,
+    rstd,
+    index,
+    weight,
+    num_table_rows,
+    table_grad,
+    weight_grad,
     weight_offset=0.0,
 ):
     """-> (grad_input [T, d] = d_hidden = d_residual, d_table [R, d] fp32 or [0, d], d_weight [d] or [0])."""
@@ -396,8 +404,18 @@ def _(hidden, residual, table, index, weight, eps, weight_offset=0.0):
 
 
 @torch.library.register_fake("steering::fused_add_steer_rms_norm_bwd")
-def _(grad_y, grad_residual_out, residual_out, rstd, index, weight, num_table_rows, table_grad, weight_grad,
-      weight_offset=0.0):
+def _(
+    grad_y,
+    grad_residual_out,
+    residual_out,
+    rstd,
+    index,
+    weight,
+    num_table_rows,
+    table_grad,
+    weight_grad,
+    weight_offset=0.0,
+):
     d = residual_out.shape[1]
     d_table = residual_out.new_empty((num_table_rows if table_grad else 0, d), dtype=_acc_dtype(residual_out.dtype))
     return torch.empty_like(residual_out), d_table, weight.new_empty((d if weight_grad else 0,))
@@ -418,7 +436,15 @@ def _backward(ctx, grad_y, grad_residual_out, _grad_rstd):
     residual_out, rstd, index, weight = ctx.saved_tensors
     need_hidden, need_residual, need_table, _, need_weight, *_ = ctx.needs_input_grad
     grad_input, d_table, d_weight = torch.ops.steering.fused_add_steer_rms_norm_bwd(
-        grad_y, grad_residual_out, residual_out, rstd, index, weight, ctx.num_table_rows, need_table, need_weight,
+        grad_y,
+        grad_residual_out,
+        residual_out,
+        rstd,
+        index,
+        weight,
+        ctx.num_table_rows,
+        need_table,
+        need_weight,
         ctx.weight_offset,
     )
     grads = (

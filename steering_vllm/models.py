@@ -56,7 +56,9 @@ class SteeringMixin:
             )
         # Some families build the final norm on every pipeline rank; only the last rank runs it.
         if decoder.end_layer == self.steering_num_layers and not isinstance(decoder.norm, PPMissingLayer):
-            decoder.norm = steered_norm(decoder.norm, "model.norm", self.steering_num_layers - 1, rows, self.steering_index)
+            decoder.norm = steered_norm(
+                decoder.norm, "model.norm", self.steering_num_layers - 1, rows, self.steering_index
+            )
 
         self._steering_history: deque[dict] = deque(maxlen=HISTORY_LENGTH)
         self._record_steering(SteeringVectors.zeros(self.steering_num_layers, self.steering_hidden_size))

@@ -45,7 +45,7 @@ class SteeredLearner(nn.Module):
         config = model.config
         if getattr(config, "attn_logit_softcapping", None) and config._attn_implementation not in _SOFTCAP_ATTENTION:
             # SDPA ignores the cap, so the learner would score other logits than the engine samples from
-            logger.info("learner: %s attention ignores attn_logit_softcapping; using eager", config._attn_implementation)
+            logger.info("learner: %s attention drops attn_logit_softcapping; using eager", config._attn_implementation)
             model.set_attn_implementation("eager")
         shape = (config.num_hidden_layers, config.hidden_size)
         if steering is None:
@@ -159,7 +159,12 @@ def steered_norm(hidden, residual, vector, norm) -> tuple[torch.Tensor, torch.Te
     shape = residual.shape
     eps = getattr(norm, "variance_epsilon", None) or norm.eps
     y, residual_out = kernels.fused_add_steer_rms_norm(
-        hidden.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1]), vector, None, norm.weight, eps,
+        hidden.reshape(-1, shape[-1]),
+        residual.reshape(-1, shape[-1]),
+        vector,
+        None,
+        norm.weight,
+        eps,
         norm_weight_offset(norm),
     )
     return y.view(shape), residual_out.view(shape)

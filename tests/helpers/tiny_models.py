@@ -1,5 +1,5 @@
-"""Tiny checkpoints of each steered family (Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral, Gemma 2, Gemma 3) built from configs
-(random weights, norm weights and biases included; a BPE tokenizer trained here).
+"""Tiny checkpoints of each steered family (Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral, Gemma 2, Gemma 3) built
+from configs (random weights, norm weights and biases included; a BPE tokenizer trained here).
 
 head_dim is 64 because vLLM's CPU attention does not support smaller heads (DESIGN.md §5).
 """

@@ -367,7 +367,13 @@ def test_opcheck_inplace_and_functional_ops():
         )
         hidden, residual, table, index, weight, eps, offset = args
         grad_args = (
-            hidden.requires_grad_(), residual.requires_grad_(), table.requires_grad_(), index, weight, eps, offset
+            hidden.requires_grad_(),
+            residual.requires_grad_(),
+            table.requires_grad_(),
+            index,
+            weight,
+            eps,
+            offset,
         )
         torch.library.opcheck(torch.ops.steering.fused_add_steer_rms_norm_fwd.default, grad_args)
         _, residual_out, rstd = torch.ops.steering.fused_add_steer_rms_norm_fwd(*args)

@@ -50,7 +50,9 @@ def test_gemma2_learner_applies_the_attention_soft_cap_that_sdpa_drops(tiny_mode
         expected = _hooked_logprobs(reference.eval(), torch.zeros(4, model.config.hidden_size), ids, mask)
         uncapped = _hooked_logprobs(
             AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64, attn_implementation="sdpa").eval(),
-            torch.zeros(4, model.config.hidden_size), ids, mask,
+            torch.zeros(4, model.config.hidden_size),
+            ids,
+            mask,
         )
         ours = learner.token_logprobs(ids, mask)
     assert (expected - uncapped).abs().max() > 1e-3  # the cap matters for this model
