@@ -15,6 +15,7 @@ FAMILIES = {
     # add (post-attention / pre- and post-feedforward norms), which leaves the block output at hidden + residual.
     "Gemma2ForCausalLM": ("gemma2", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
+    "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM"),
 }
 ARCHITECTURES = {name: f"steering_vllm.models:Steered{cls}" for name, (_, cls) in FAMILIES.items()}
 

@@ -151,6 +151,8 @@ def _layer(layer, hidden, residual, vector, mask, rotary, position_ids):
     else:
         residual = residual + attention
         hidden = layer.mlp(layer.post_attention_layernorm(residual))
+        if isinstance(hidden, tuple):  # GPT-OSS's MoE block also returns its router scores
+            hidden = hidden[0]
     return hidden, residual
 
 

@@ -1,4 +1,4 @@
-"""Tiny checkpoints of each steered family (Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral, Gemma 2, Gemma 3) built
+"""Tiny checkpoints of each steered family (Qwen2, Qwen3, Qwen3-MoE, Llama, Mistral, Gemma 2, Gemma 3, GPT-OSS) built
 from configs (random weights, norm weights and biases included; a BPE tokenizer trained here).
 
 head_dim is 64 because vLLM's CPU attention does not support smaller heads (DESIGN.md §5).
@@ -61,6 +61,11 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                {**GEMMA, "final_logit_softcapping": 3.0, "attn_logit_softcapping": 1.0}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**GEMMA, "final_logit_softcapping": None}),
+    # GPT-OSS: unquantized (vLLM's CPU MXFP4 MoE needs AMX), attention sinks, biased MoE experts, sliding windows
+    # shorter than the test prompts; eps 1e-5, which vLLM hard-codes for this family
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64, "rms_norm_eps": 1e-5,
+                 "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"] * 2}),
 }  # fmt: skip
 
 
@@ -108,5 +113,7 @@ def randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
                 # Gemma's norms multiply by 1 + weight: its weights sit around 0
                 centre = 0.0 if type(model).__name__.startswith("Gemma") else 1.0
                 p.copy_(centre + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".bias"):  # Qwen2's q/k/v projections
+            elif name.endswith((".bias", "_bias")):  # Qwen2's q/k/v projections, GPT-OSS's attention and experts
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".sinks"):  # GPT-OSS's attention sinks (zeros would hide a sink left out)
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))

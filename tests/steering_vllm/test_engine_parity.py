@@ -25,6 +25,7 @@ CASES = {
     "mistral-eager": ("mistral", False, [0, 1, 2, 3], ".safetensors", 1.0, 1),
     "gemma2-compiled": ("gemma2", True, [0, 1, 2, 3], ".safetensors", 1.0, 1),
     "gemma3-eager": ("gemma3", False, [0, 1, 3], ".safetensors", 1.0, 1),
+    "gpt_oss-compiled": ("gpt_oss", True, [0, 1, 2, 3], ".safetensors", 1.0, 1),
     # two ranks, one core each (vLLM CPU binds one NUMA node per rank unless told otherwise)
     "llama-tp2-eager": ("llama", False, [0, 1, 2, 3], ".safetensors", 1.0, 2),
 }

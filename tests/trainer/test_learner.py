@@ -27,7 +27,7 @@ def _hooked_logprobs(model, table, ids, mask, temperature=1.0):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_logprobs_and_gradient_match_the_hooked_hf_model(tiny_model_dirs, family, checkpointing):
     # the MoE experts' default kernel (grouped_mm) has no float64: the eager loop over experts does
-    options = {"experts_implementation": "eager"} if family == "qwen3_moe" else {}
+    options = {"experts_implementation": "eager"} if family in ("qwen3_moe", "gpt_oss") else {}
     # eager attention: the reference must apply Gemma 2's attention soft cap, which SDPA drops
     model = AutoModelForCausalLM.from_pretrained(
         str(tiny_model_dirs[family]), dtype=torch.float64, attn_implementation="eager", **options
