@@ -82,9 +82,20 @@ def test_every_rank_reports_the_hash_of_its_buffers_and_a_failed_copy_shows(rank
     assert status["history"][-1]["content_hash"] == vectors.content_hash()  # what was sent, for the record
 
 
-def test_a_layer_whose_norm_is_not_vllms_rmsnorm_is_refused_by_name(rank_slice_class):
-    """Gemma's norm multiplies by 1 + weight: steering it as a plain RMSNorm would serve wrong numbers."""
+def test_a_layer_whose_norm_the_mechanism_does_not_know_is_refused_by_name(rank_slice_class):
+    """A LayerNorm (mean-centred, with a bias): steering it as an RMSNorm would serve wrong numbers."""
+    from vllm.model_executor.layers.layernorm import LayerNorm
+
+    with pytest.raises(NotImplementedError, match=r"model\.layers\.1\.input_layernorm is LayerNorm, not one of"):
+        rank_slice_class(0, L, norm_class=LayerNorm)
+
+
+def test_gemma_norms_get_their_own_steered_form(rank_slice_class):
+    """Gemma's norm multiplies by 1 + weight: it must become SteeredGemmaRMSNorm, not a plain steered RMSNorm."""
     from vllm.model_executor.layers.layernorm import GemmaRMSNorm
 
-    with pytest.raises(NotImplementedError, match=r"model\.layers\.1\.input_layernorm is GemmaRMSNorm, not vLLM's"):
-        rank_slice_class(0, L, norm_class=GemmaRMSNorm)
+    from steering_vllm.norm import SteeredGemmaRMSNorm
+
+    rank = rank_slice_class(0, 4, norm_class=GemmaRMSNorm)
+    norms = [rank.model.layers[i].input_layernorm for i in range(1, 4)]
+    assert all(type(norm) is SteeredGemmaRMSNorm and norm.WEIGHT_OFFSET == 1.0 for norm in norms)

@@ -205,7 +205,7 @@ OPTIONS = ["--max_new_tokens", "16", "--temperature", "0.7", "--reward_fn", "sha
 )
 def test_the_objective_options_run_end_to_end(config_for, tiny_model_dirs, init_vectors, truncated, steps, family):
     vectors, path = init_vectors
-    config = config_for(f"options-{truncated}")
+    config = config_for(f"options-{truncated}-{family}")
     output_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
     extra = ["--steps", str(steps), "--init_vectors", str(path), "--truncated", truncated]
     extra += ["--model", str(tiny_model_dirs[family])]
