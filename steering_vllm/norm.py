@@ -24,10 +24,18 @@ class SteeringBuffers:
 
     WEIGHT_OFFSET = 0.0  # y = rmsnorm(x) * (WEIGHT_OFFSET + weight)
 
-    def _add_steering(self, hidden_size: int, steered_layer: int, rows: int, index) -> None:
+    def __init__(self, hidden_size: int, eps: float, steered_layer: int, rows: int = 1, index=None):
+        super().__init__(hidden_size, eps=eps)  # the vLLM norm class mixed in after this one
         self.steered_layer = steered_layer
         self.register_buffer("steering_table", torch.zeros(rows, hidden_size, dtype=torch.float32), persistent=False)
         self.register_buffer("steering_index", index, persistent=False)
+
+    @classmethod
+    def replacing(cls, norm, steered_layer: int, rows: int = 1, index=None):
+        """A steered norm that takes over ``norm``'s weight (same Parameter, so weight loading is unchanged)."""
+        steered = cls(norm.weight.shape[0], norm.variance_epsilon, steered_layer, rows, index)
+        steered.weight = norm.weight
+        return steered
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
@@ -43,32 +51,15 @@ class SteeringBuffers:
 
 
 class SteeredRMSNorm(SteeringBuffers, RMSNorm):
-    def __init__(self, hidden_size: int, eps: float, steered_layer: int, rows: int = 1, index=None):
-        super().__init__(hidden_size, eps=eps)
-        self._add_steering(hidden_size, steered_layer, rows, index)
-
     @classmethod
     def replacing(cls, norm: RMSNorm, steered_layer: int, rows: int = 1, index=None) -> "SteeredRMSNorm":
-        """A steered norm that takes over ``norm``'s weight (same Parameter, so weight loading is unchanged)."""
         if norm.variance_size_override is not None or not norm.has_weight:
             raise NotImplementedError("steering supports plain RMSNorm with a weight over the full hidden size")
-        steered = cls(norm.hidden_size, norm.variance_epsilon, steered_layer, rows, index)
-        steered.weight = norm.weight
-        return steered
+        return super().replacing(norm, steered_layer, rows, index)
 
 
 class SteeredGemmaRMSNorm(SteeringBuffers, GemmaRMSNorm):
     WEIGHT_OFFSET = 1.0
-
-    def __init__(self, hidden_size: int, eps: float, steered_layer: int, rows: int = 1, index=None):
-        super().__init__(hidden_size, eps=eps)
-        self._add_steering(hidden_size, steered_layer, rows, index)
-
-    @classmethod
-    def replacing(cls, norm: GemmaRMSNorm, steered_layer: int, rows: int = 1, index=None) -> "SteeredGemmaRMSNorm":
-        steered = cls(norm.weight.shape[0], norm.variance_epsilon, steered_layer, rows, index)
-        steered.weight = norm.weight
-        return steered
 
 
 # vLLM norm class -> its steered form; the mechanism's one assumption about a family (DESIGN.md §2)

@@ -55,18 +55,18 @@ def make_inputs(T, d, R, dtype, device="cpu", with_index=True):
     return hidden, residual, table, index, weight
 
 
-def reference(hidden, residual, table, index, weight):
+def reference(hidden, residual, table, index, weight, weight_offset=0.0):
     """float64 (y, residual_out, rstd)."""
     y, x = fused_add_steer_rms_norm_reference(
-        hidden.double(), residual.double(), table.double(), index, weight.double(), EPS
+        hidden.double(), residual.double(), table.double(), index, weight.double(), EPS, weight_offset
     )
     return y, x, torch.rsqrt(x.pow(2).mean(-1) + EPS)
 
 
-def reference_grads(hidden, residual, table, index, weight, grad_y, grad_residual_out):
+def reference_grads(hidden, residual, table, index, weight, grad_y, grad_residual_out, weight_offset=0.0):
     leaves = [t.detach().double().requires_grad_() for t in (hidden, residual, table, weight)]
     h, r, t, w = leaves
-    y, x = fused_add_steer_rms_norm_reference(h, r, t, index, w, EPS)
+    y, x = fused_add_steer_rms_norm_reference(h, r, t, index, w, EPS, weight_offset)
     loss = (y * grad_y.double()).sum()
     if grad_residual_out is not None:
         loss = loss + (x * grad_residual_out.double()).sum()
@@ -281,17 +281,14 @@ def test_weight_offset_multiplies_by_offset_plus_weight(case, dtype):
     grad_y, grad_res = torch.randn_like(hidden), torch.randn_like(hidden)
     g, d_table, d_weight = backward(grad_y, grad_res, residual_out, rstd, index, weight, R, True, True, 1.0)
 
-    cpu = [t.cpu() if t is not None else None for t in (hidden, residual, table, index, weight)]
-    y_ref, x_ref = fused_add_steer_rms_norm_reference(*[t.double() if t is not None and t.is_floating_point()
-                                                       else t for t in cpu], EPS, weight_offset=1.0)  # fmt: skip
+    cpu = [t.cpu() if t is not None else None for t in (hidden, residual, table, index, weight, grad_y, grad_res)]
+    y_ref, x_ref, _ = reference(*cpu[:5], weight_offset=1.0)
     assert_close(residual_out.cpu(), x_ref, FWD_ULPS * ULP[dtype], "residual_out")
     assert_close(y.cpu(), y_ref, FWD_ULPS * ULP[dtype], "y")
-    leaves = [t.detach().double().requires_grad_() for t in cpu[:3] + cpu[4:]]
-    y2, x2 = fused_add_steer_rms_norm_reference(*leaves[:3], cpu[3], leaves[3], EPS, weight_offset=1.0)
-    ((y2 * grad_y.cpu().double()).sum() + (x2 * grad_res.cpu().double()).sum()).backward()
-    assert_close(g.cpu(), leaves[0].grad, BWD_ULPS * ULP[dtype], "grad hidden/residual")
-    assert_close(d_table.cpu(), leaves[2].grad, BWD_ULPS * ULP[dtype], "grad table")
-    assert_close(d_weight.cpu(), leaves[3].grad, BWD_ULPS * ULP[dtype], "grad weight")
+    dh_ref, _, dt_ref, dw_ref = reference_grads(*cpu, weight_offset=1.0)
+    assert_close(g.cpu(), dh_ref, BWD_ULPS * ULP[dtype], "grad hidden/residual")
+    assert_close(d_table.cpu(), dt_ref, BWD_ULPS * ULP[dtype], "grad table")
+    assert_close(d_weight.cpu(), dw_ref, BWD_ULPS * ULP[dtype], "grad weight")
 
     h, r = hidden.clone(), residual.clone()
     forward_(h, r, table, index, weight, EPS, 1.0)
