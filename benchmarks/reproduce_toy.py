@@ -1,6 +1,9 @@
-"""The paper's Table 1 at toy scale: Base, Steering, Full-Tune and LoRA on the shipped toy model.
+"""The paper's Table 1 at toy scale: Base, Steering, LoRA (r=1, r=4) and Full-Tune in one of three toy worlds.
 
-Each method trains with ``python -m trainer.rloo --config configs/toy.yaml --trainable METHOD``: the same
+``--world`` picks the world (``trainer.toy``, ``trainer.toy_worlds``): ``boxing`` (the default: the shipped
+``fixtures/toy-model``, which computes the answer but seldom boxes it), ``misused`` (boxes, but mostly takes a
+wrong path it also knows the right one of) or ``absent`` (a kind whose operation pre-training never showed).
+Each method trains with ``python -m trainer.rloo --config configs/toy[-WORLD].yaml --trainable METHOD``: the same
 budget for all (steps, prompts per step, samples per prompt, completion length, batch order and sampling
 seeds), only the learning rate set per method. The learning rate comes from a sweep (``--lr METHOD=A,B,C``;
 defaults in ``SWEEP``) on its own seed, ``--sweep-seed``, which is never one of the reported ``--seeds``: the
@@ -11,10 +14,15 @@ whole held-out split (greedy, Math-Verify) before training (the Base row), every
 table gives mean ± std over seeds, each method's gain over Base, and the share of full fine-tuning's gain it
 recovers (the paper's claim: steering ~ full).
 
-  python -m benchmarks.reproduce_toy                      # sweep (9 runs) + 3 methods x 3 seeds: 18 runs
+  python -m benchmarks.reproduce_toy                      # sweep (12 runs) + 4 methods x 3 seeds: 24 runs
   python -m benchmarks.reproduce_toy --seeds 0 --methods steering,full --lr steering=0.1 --lr full=1e-4
+  python -m benchmarks.reproduce_toy --world absent --cross misused   # + the misused runs tested on absent
 
-Runs go to ``--output`` (default runs/reproduce/METHOD-lrLR-seedS, the sweep's under sweep/); a finished run
+``--cross OTHER`` (worlds sharing one base model: misused and absent) also scores this world's reported
+Steering and Full-Tune runs on OTHER's held-out split with ``trainer.eval`` and, when OTHER's own reported runs
+exist, those on this world's: the paper's Table 4 (trained on one dataset, tested on another).
+
+Runs go to ``--output`` (default runs/reproduce[-WORLD]/METHOD-lrLR-seedS, the sweep's under sweep/); a finished run
 is not redone, so an interrupted benchmark picks up where it stopped. Writes ``results.md``, ``results.json``
 and ``curves.png``.
 """
@@ -34,13 +42,24 @@ from tqdm.auto import tqdm
 
 from trainer.curves import plot_curves, read_metrics, read_summary
 
-CONFIG = "configs/toy.yaml"
-METHODS = ("steering", "full", "lora")
+WORLDS = {"boxing": "configs/toy.yaml", "misused": "configs/toy-misused.yaml", "absent": "configs/toy-absent.yaml"}
+# trainer.rloo arguments of each method
+METHODS = {
+    "steering": ["--trainable", "steering"],
+    "lora": ["--trainable", "lora", "--lora_rank", "1"],
+    "lora4": ["--trainable", "lora", "--lora_rank", "4"],
+    "full": ["--trainable", "full"],
+}
 # three points per method, around what an earlier sweep picked (steering 0.1, full 1e-4, LoRA 3e-3)
-SWEEP = {"steering": "0.05,0.1,0.2", "full": "3e-5,1e-4,3e-4", "lora": "1e-3,3e-3,1e-2"}
+SWEEP = {"steering": "0.05,0.1,0.2", "full": "3e-5,1e-4,3e-4", "lora": "1e-3,3e-3,1e-2", "lora4": "1e-3,3e-3,1e-2"}
 SWEEP_SEED = 100  # not a reported seed: the sweep's runs pick the lr and are never reported
 SWEEP_EVAL_PROMPTS = 200  # the sweep's held-out score is for the record only (it picks by training reward)
-NAMES = {"steering": "Steering", "full": "Full-Tune", "lora": "LoRA (r=1, down_proj)"}
+NAMES = {"steering": "Steering", "full": "Full-Tune", "lora": "LoRA (r=1, down_proj)", "lora4": "LoRA (r=4, down_proj)"}
+CROSS_METHODS = ("steering", "full")  # what trainer.eval can load: vectors, or the fine-tuned model's directory
+
+
+def world_output(world: str) -> Path:
+    return Path("runs/reproduce" if world == "boxing" else f"runs/reproduce-{world}")
 
 
 def run_dir(output: Path, method: str, lr: str, seed: int) -> Path:
@@ -64,13 +83,17 @@ def reported_runs(methods: list[str], chosen: dict[str, str], seeds: list[int]) 
     return [(m, chosen[m], seed) for m in methods for seed in seeds]
 
 
+def train_command(config: str, method: str, lr: str, seed: int, directory: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "trainer.rloo", "--config", config, *METHODS[method], "--seed", str(seed),
+            "--learning_rate", lr, "--output_dir", str(directory), *extra]  # fmt: skip
+
+
 def train(config: str, method: str, lr: str, seed: int, directory: Path, extra: list[str]) -> dict:
     """One ``trainer.rloo`` run (skipped when ``directory`` holds a finished one); returns its summary."""
     summary = read_summary(directory)
     if "eval_accuracy_after" in summary:
         return summary
-    command = [sys.executable, "-m", "trainer.rloo", "--config", config, "--trainable", method, "--seed", str(seed),
-               "--learning_rate", lr, "--output_dir", str(directory), *extra]  # fmt: skip
+    command = train_command(config, method, lr, seed, directory, extra)
     if (directory / "checkpoints").is_dir():
         command.append("--resume")
     directory.mkdir(parents=True, exist_ok=True)
@@ -90,7 +113,8 @@ def final_reward(directory: Path, last: int = 10) -> float:
     return statistics.fmean(r["reward_mean"] for r in read_metrics(directory)[-last:])
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values) -> tuple[float, float]:
+    values = list(values)
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -153,25 +177,31 @@ def _parse_lrs(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         method, _, values = item.partition("=")
         if method not in METHODS or not values:
-            raise SystemExit(f"--lr {item!r}: expected METHOD=LR[,LR...] with METHOD in {METHODS}")
+            raise SystemExit(f"--lr {item!r}: expected METHOD=LR[,LR...] with METHOD in {', '.join(METHODS)}")
         lrs[method] = values.split(",")
     return lrs
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--world", choices=sorted(WORLDS), default="boxing", help="the toy world (default boxing)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"some of {','.join(METHODS)}")
     parser.add_argument("--seeds", default="0,1,2", help="the reported seeds, each trained fresh at the chosen lr")
     lr_help = f"per method (default sweeps {SWEEP}); one value: no sweep for that method"
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]", help=lr_help)
     parser.add_argument("--sweep-seed", type=int, default=SWEEP_SEED, help="the sweep's seed (not a reported seed)")
-    parser.add_argument("--config", default=CONFIG)
-    parser.add_argument("--output", type=Path, default=Path("runs/reproduce"))
+    parser.add_argument("--config", help="the trainer config (default: the world's, configs/toy[-WORLD].yaml)")
+    parser.add_argument("--output", type=Path, help="default runs/reproduce (boxing) or runs/reproduce-WORLD")
+    parser.add_argument("--cross", choices=sorted(WORLDS), help="a world with the same base model to test on")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more trainer.rloo overrides, for every run")
     args = parser.parse_args(argv)
     args.methods = args.methods.split(",")
     if unknown := set(args.methods) - set(METHODS):
-        raise SystemExit(f"--methods: unknown {sorted(unknown)}; expected some of {METHODS}")
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; expected some of {', '.join(METHODS)}")
+    args.config = args.config or WORLDS[args.world]
+    args.output = args.output or world_output(args.world)
+    if args.cross == args.world:
+        raise SystemExit(f"--cross {args.cross}: choose another world than --world {args.world}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.lrs = _parse_lrs(args.lr)
     args.extra = [a for a in args.extra if a != "--"]
@@ -218,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         reported[method].append((run(method, lr, seed, directory, ["--eval_prompts", "0"]), directory))
     bar.close()
     write_results(args, reported, chosen, swept)
+    if args.cross:
+        cross_world(args, {m: [d for _, d in runs] for m, runs in reported.items()})
 
 
 def collect(reported: dict[str, list[tuple[dict, Path]]], chosen: dict[str, str], swept: dict) -> dict:
@@ -249,8 +281,75 @@ def write_results(args, reported: dict, chosen: dict[str, str], swept: dict) -> 
              "base_reward": results["base_reward"], "methods": rows}  # fmt: skip
     (args.output / "results.json").write_text(json.dumps(saved, indent=1))
     groups = {NAMES[m]: [d for _, d in runs] for m, runs in reported.items()}
-    plot_curves(groups, args.output / "curves.png", title=f"Toy model, mean over seeds {args.seeds} (band: min-max)")
+    plot_curves(groups, args.output / "curves.png", title=f"Toy world {args.world}, mean over seeds {args.seeds} (band: min-max)")
     print(f"\nwritten: {args.output / 'results.md'}, {args.output / 'curves.png'}", file=sys.stderr)
+
+
+def cross_world(args, reported: dict[str, list[Path]]) -> None:
+    """The paper's Table 4 at toy scale: the base model and each reported Steering / Full-Tune run of this world
+    (and of ``args.cross``, when its results exist) scored by ``trainer.eval`` on both worlds' held-out splits."""
+    import yaml
+
+    configs = {world: yaml.safe_load(Path(WORLDS[world]).read_text()) for world in (args.world, args.cross)}
+    configs[args.world] = yaml.safe_load(Path(args.config).read_text())
+    models = {world: (Path(c["model"]) / "model.safetensors").resolve() for world, c in configs.items()}
+    if len(set(models.values())) != 1:
+        raise SystemExit(f"--cross {args.cross}: the two worlds have different base models ({models}); a vector "
+                         "trained on one model cannot be tested on another")  # fmt: skip
+    tests = {world: c["eval_data"] for world, c in configs.items()}
+    runs = {args.world: reported}
+    other = world_output(args.cross) / "results.json"
+    if other.exists():
+        saved = json.loads(other.read_text())["methods"]
+        runs[args.cross] = {m: [Path(d) for d in saved[m]["runs"]] for m in CROSS_METHODS if m in saved}
+    model = configs[args.world]["model"]
+    output = args.output / "cross"
+    evaluations = [("Base", model, None)]
+    for world, by_method in runs.items():
+        for method in CROSS_METHODS:
+            for directory in by_method.get(method, []):
+                label = f"{NAMES[method]}, trained on {world}, {directory.name}"
+                if method == "steering":
+                    evaluations.append((label, model, directory / "steering_vectors.safetensors"))
+                else:
+                    evaluations.append((label, directory / "model", None))
+    for label, model_path, vectors in tqdm(evaluations, desc="cross-world evaluations", unit="run"):
+        evaluate(label, model_path, vectors, tests, output)
+    rows = json.loads((output / "results.json").read_text())
+    text = cross_table(rows, [label for label, _, _ in evaluations], list(tests))
+    print(text)
+    (args.output / "cross.md").write_text(text + "\n")
+
+
+def evaluate(label: str, model: Path | str, vectors: Path | None, tests: dict[str, str], output: Path) -> None:
+    """One ``trainer.eval`` row (greedy, every problem of each world's held-out split), kept when already there."""
+    results = output / "results.json"
+    if results.exists() and any(r["label"] == label for r in json.loads(results.read_text())):
+        return
+    command = [sys.executable, "-m", "trainer.eval", "--model", str(model), "--label", label, "--benchmarks",
+               ",".join(f"{world}={path}" for world, path in tests.items()), "--temperature", "0",
+               "--max-new-tokens", "64", "--output-dir", str(output), "--engine",
+               "{gpu_memory_utilization: 0.05, max_model_len: 512}"]  # fmt: skip
+    if vectors is not None:
+        command += ["--vectors", str(vectors)]
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "eval.log", "a") as log:
+        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed; see {output / 'eval.log'}")
+
+
+def cross_table(rows: list[dict], labels: list[str], worlds: list[str]) -> str:
+    """Mean ± std over seeds of each (method, training world) group, per held-out world."""
+    by_label = {r["label"]: {b["benchmark"]: b["mean"] for b in r["benchmarks"]} for r in rows}
+    groups: dict[str, list[dict]] = {}
+    for label in labels:
+        groups.setdefault(label.rsplit(", ", 1)[0] if label != "Base" else label, []).append(by_label[label])
+    lines = ["Held-out greedy accuracy (%) by `trainer.eval`, mean ± std over the reported seeds", "",
+             "| Trained | " + " | ".join(f"tested on {w}" for w in worlds) + " |", "|---" * (len(worlds) + 1) + "|"]
+    for group, scores in groups.items():
+        cells = [_mean_std(s[w] for s in scores) for w in worlds]
+        lines.append(f"| {group} | " + " | ".join(f"{m:.1f} ± {d:.1f}" for m, d in cells) + " |")
+    return "\n".join(lines)
 
 
 def _held_out_size(directory: Path) -> int:

@@ -58,17 +58,19 @@ def make_problem(rng: random.Random) -> dict:
     return {"problem": question, "answer": str(answer), "solution": " ".join([*steps, ending]), "kind": kind}
 
 
-def make_splits(train_size: int, test_size: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Disjoint splits (no test question appears in train), the same for the same arguments."""
+def make_splits(train_size: int, test_size: int, seed: int = 0, problem=make_problem,
+                exclude: set[str] = frozenset()) -> tuple[list[dict], list[dict]]:
+    """Disjoint splits of ``problem(rng)`` rows (no test question appears in train or in ``exclude``), the same
+    for the same arguments."""
     rng = random.Random(seed)
-    train, seen = [], set()
+    train, seen = [], set(exclude)
     while len(train) < train_size:
-        row = make_problem(rng)
+        row = problem(rng)
         train.append(row)
         seen.add(row["problem"])
     test = []
     while len(test) < test_size:
-        row = make_problem(rng)
+        row = problem(rng)
         if row["problem"] not in seen:
             test.append(row)
             seen.add(row["problem"])

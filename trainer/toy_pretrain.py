@@ -1,9 +1,11 @@
-"""Pre-train the toy base model: ``python -m trainer.toy_pretrain --output fixtures/toy-model``.
+"""Pre-train a toy base model: ``python -m trainer.toy_pretrain --output fixtures/toy-model`` (world "boxing")
+or ``--world misused --output fixtures/toy-misused`` (``trainer.toy_worlds``; its model serves world "absent" too).
 
 A Qwen2-architecture model (head_dim 64, a few layers) and a BPE tokenizer trained on the toy task's text,
 fitted by supervised learning on worked solutions (``trainer.toy``), deterministic from its seed, a few
-minutes on two CPU cores. It learns the arithmetic and both answer endings in the proportions of the data,
-so it mostly does not box its answer: a model that holds the skill but seldom shows it, which RL then fixes.
+minutes on two CPU cores. In world "boxing" it learns the arithmetic and both answer endings in the proportions of
+the data, so it mostly does not box its answer: a model that holds the skill but seldom shows it, which RL then
+fixes. In world "misused" it boxes every answer but mostly takes a wrong path on two of the three kinds.
 The prompts are the trainer's plain template, so what it saw in pre-training is what the trainer asks.
 """
 
@@ -20,6 +22,7 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.toy import make_splits, write_jsonl
+from trainer.toy_worlds import world_splits
 
 EOS = "<|endoftext|>"
 PLAIN_TEMPLATE = TrainConfig().plain_template
@@ -91,7 +94,10 @@ def batches(examples, batch_size: int, steps: int, seed: int):
 def pretrain(args) -> Path:
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
-    train, test = make_splits(args.train_size, args.test_size, args.seed)
+    if args.world == "boxing":
+        train, test = make_splits(args.train_size, args.test_size, args.seed)
+    else:
+        train, test = world_splits(args.world, args.train_size, args.test_size, args.seed)
     output = Path(args.output)
     trained = build_tokenizer([prompt_text(r["problem"]) + r["solution"] for r in train], args.vocab_size)
     trained.save_pretrained(output)
@@ -133,6 +139,7 @@ def pretrain(args) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.toy_pretrain", description=__doc__)
     parser.add_argument("--output", default="fixtures/toy-model")
+    parser.add_argument("--world", choices=["boxing", "misused"], default="boxing", help="the pre-training corpus")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=20000)
     parser.add_argument("--test-size", type=int, default=500)

@@ -2,6 +2,7 @@
 sweep runs on its own seed, and every reported seed is trained fresh at the chosen lr."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,38 @@ def test_reported_seeds_are_trained_fresh_and_never_reuse_a_sweep_run(tmp_path, 
     text = (output / "results.md").read_text()
     assert "lr of Steering picked by a sweep on seed 7 (not a reported seed" in text
     assert "| Steering | 0.01 / **0.1** / 0.03 |" in text
+
+
+def test_each_world_has_its_config_and_output_and_lora_ranks_reach_the_trainer(tmp_path):
+    args = reproduce_toy._arguments(["--world", "misused"])
+    assert args.config == "configs/toy-misused.yaml" and args.output == Path("runs/reproduce-misused")
+    assert args.methods == ["steering", "lora", "lora4", "full"]
+    boxing = reproduce_toy._arguments([])
+    assert boxing.config == "configs/toy.yaml" and boxing.output == Path("runs/reproduce")
+    command = reproduce_toy.train_command("c.yaml", "lora4", "3e-3", 2, tmp_path, ["--eval_prompts", "0"])
+    assert command[command.index("--trainable") + 1] == "lora" and command[command.index("--lora_rank") + 1] == "4"
+    assert command[-2:] == ["--eval_prompts", "0"] and command[command.index("--seed") + 1] == "2"
+    from trainer.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    for world, config in reproduce_toy.WORLDS.items():  # every world's config loads, with the method's overrides
+        command = reproduce_toy.train_command(str(root / config), "lora4", "3e-3", 2, tmp_path, [])
+        assert command[:3] == [sys.executable, "-m", "trainer.rloo"]
+        loaded = load_config(command[3:])
+        assert (loaded.trainable, loaded.lora_rank, loaded.seed) == ("lora", 4, 2), world
+        assert (root / loaded.model / "model.safetensors").exists() and (root / loaded.eval_data).exists(), world
+    with pytest.raises(SystemExit, match="another world"):
+        reproduce_toy._arguments(["--world", "absent", "--cross", "absent"])
+
+
+def test_the_cross_table_groups_seeds_by_method_and_training_world():
+    rows = [{"label": "Base", "benchmarks": [{"benchmark": "misused", "mean": 30.0}, {"benchmark": "absent", "mean": 1.0}]}]
+    labels = ["Base"]
+    for seed, (m, a) in enumerate([(80.0, 2.0), (84.0, 4.0)]):
+        label = f"Steering, trained on misused, steering-lr0.1-seed{seed}"
+        labels.append(label)
+        rows.append({"label": label, "benchmarks": [{"benchmark": "misused", "mean": m}, {"benchmark": "absent", "mean": a}]})
+    text = reproduce_toy.cross_table(rows, labels, ["misused", "absent"])
+    assert "| Trained | tested on misused | tested on absent |" in text
+    assert "| Base | 30.0 ± 0.0 | 1.0 ± 0.0 |" in text
+    assert "| Steering, trained on misused | 82.0 ± 2.8 | 3.0 ± 1.4 |" in text
