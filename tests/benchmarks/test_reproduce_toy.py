@@ -126,3 +126,42 @@ def test_the_cross_table_groups_seeds_by_method_and_training_world():
     assert "| Trained | tested on misused | tested on absent |" in text
     assert "| Base | 30.0 ± 0.0 | 1.0 ± 0.0 |" in text
     assert "| Steering, trained on misused | 82.0 ± 2.8 | 3.0 ± 1.4 |" in text
+
+
+def test_cross_world_scores_base_and_both_worlds_runs_on_both_splits(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)  # the world configs name their fixtures relative to the checkout
+    other = tmp_path / "reproduce-misused"
+    other_runs = [str(other / f"steering-lr0.1-seed{s}") for s in (0, 1)]
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"methods": {"steering": {"runs": other_runs}, "lora": {"runs": []}}}))
+    monkeypatch.setattr(reproduce_toy, "world_output", lambda world: {"misused": other}[world])
+    evaluated = []
+
+    def evaluate(label, model, vectors, tests, output):
+        evaluated.append((label, str(model), vectors))
+        assert list(tests) == ["absent", "misused"]
+        output.mkdir(parents=True, exist_ok=True)
+        rows = json.loads((output / "results.json").read_text()) if (output / "results.json").exists() else []
+        score = {"absent": 10.0 * len(evaluated), "misused": 1.0 * len(evaluated)}
+        rows.append({"label": label, "benchmarks": [{"benchmark": w, "mean": m} for w, m in score.items()]})
+        (output / "results.json").write_text(json.dumps(rows))
+
+    monkeypatch.setattr(reproduce_toy, "evaluate", evaluate)
+    args = reproduce_toy._arguments(["--world", "absent", "--cross", "misused", "--output", str(tmp_path / "out")])
+    here = [tmp_path / "out" / "full-lr1e-4-seed0"]
+    reproduce_toy.cross_world(args, {"full": here, "lora": [tmp_path / "out" / "lora-lr3e-3-seed0"]})
+    assert [e[0] for e in evaluated] == ["Base", "Full-Tune, trained on absent, full-lr1e-4-seed0",
+                                        "Steering, trained on misused, steering-lr0.1-seed0",
+                                        "Steering, trained on misused, steering-lr0.1-seed1"]  # fmt: skip
+    assert evaluated[1][1] == str(here[0] / "model") and evaluated[1][2] is None  # a fine-tuned model's directory
+    assert evaluated[2][1] == "fixtures/toy-absent" and evaluated[2][2].name == "steering_vectors.safetensors"
+    text = (tmp_path / "out" / "cross.md").read_text()
+    assert "| Steering, trained on misused | 35.0 ± 7.1 | 3.5 ± 0.7 |" in text  # seeds 0 and 1: evaluations 3, 4
+
+
+def test_cross_world_refuses_worlds_with_different_base_models(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    args = reproduce_toy._arguments(["--world", "boxing", "--cross", "misused", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="different base models"):
+        reproduce_toy.cross_world(args, {})
