@@ -281,7 +281,11 @@ def write_results(args, reported: dict, chosen: dict[str, str], swept: dict) -> 
              "base_reward": results["base_reward"], "methods": rows}  # fmt: skip
     (args.output / "results.json").write_text(json.dumps(saved, indent=1))
     groups = {NAMES[m]: [d for _, d in runs] for m, runs in reported.items()}
-    plot_curves(groups, args.output / "curves.png", title=f"Toy world {args.world}, mean over seeds {args.seeds} (band: min-max)")
+    plot_curves(
+        groups,
+        args.output / "curves.png",
+        title=f"Toy world {args.world}, mean over seeds {args.seeds} (band: min-max)",
+    )
     print(f"\nwritten: {args.output / 'results.md'}, {args.output / 'curves.png'}", file=sys.stderr)
 
 
@@ -344,8 +348,12 @@ def cross_table(rows: list[dict], labels: list[str], worlds: list[str]) -> str:
     groups: dict[str, list[dict]] = {}
     for label in labels:
         groups.setdefault(label.rsplit(", ", 1)[0] if label != "Base" else label, []).append(by_label[label])
-    lines = ["Held-out greedy accuracy (%) by `trainer.eval`, mean ± std over the reported seeds", "",
-             "| Trained | " + " | ".join(f"tested on {w}" for w in worlds) + " |", "|---" * (len(worlds) + 1) + "|"]
+    lines = [
+        "Held-out greedy accuracy (%) by `trainer.eval`, mean ± std over the reported seeds",
+        "",
+        "| Trained | " + " | ".join(f"tested on {w}" for w in worlds) + " |",
+        "|---" * (len(worlds) + 1) + "|",
+    ]
     for group, scores in groups.items():
         cells = [_mean_std(s[w] for s in scores) for w in worlds]
         lines.append(f"| {group} | " + " | ".join(f"{m:.1f} ± {d:.1f}" for m, d in cells) + " |")

@@ -1,6 +1,6 @@
 """The toy world: multi-step arithmetic word problems with worked solutions, deterministic from a seed.
 
-``python -m trainer.toy data --output data/toy`` writes ``train.jsonl`` and ``test.jsonl`` (fields
+``python -m trainer.toy_worlds data --world boxing --output data/toy`` writes ``train.jsonl`` and ``test.jsonl`` (fields
 ``problem``, ``answer``, ``solution``), the format the trainer reads. Solutions end either with
 ``The answer is \\boxed{N}.`` or with ``The answer is N.``; how often each problem type is boxed is what makes
 the pre-trained toy model (``trainer.toy_pretrain``) half-know the task: it can solve it, but for most types
@@ -10,10 +10,8 @@ they seldom show.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
 NAMES = ["Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gina", "Hugo", "Ivy", "Jack", "Kim", "Leo", "Mia", "Ned"]
@@ -58,8 +56,9 @@ def make_problem(rng: random.Random) -> dict:
     return {"problem": question, "answer": str(answer), "solution": " ".join([*steps, ending]), "kind": kind}
 
 
-def make_splits(train_size: int, test_size: int, seed: int = 0, problem=make_problem,
-                exclude: set[str] = frozenset()) -> tuple[list[dict], list[dict]]:
+def make_splits(
+    train_size: int, test_size: int, seed: int = 0, problem=make_problem, exclude: set[str] = frozenset()
+) -> tuple[list[dict], list[dict]]:
     """Disjoint splits of ``problem(rng)`` rows (no test question appears in train or in ``exclude``), the same
     for the same arguments."""
     rng = random.Random(seed)
@@ -80,23 +79,3 @@ def make_splits(train_size: int, test_size: int, seed: int = 0, problem=make_pro
 def write_jsonl(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.toy", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    data = sub.add_parser("data", help="write train.jsonl and test.jsonl")
-    data.add_argument("--output", default="data/toy")
-    data.add_argument("--train-size", type=int, default=20000)
-    data.add_argument("--test-size", type=int, default=500)
-    data.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    train, test = make_splits(args.train_size, args.test_size, args.seed)
-    write_jsonl(train, Path(args.output) / "train.jsonl")
-    write_jsonl(test, Path(args.output) / "test.jsonl")
-    print(f"wrote {len(train)} train and {len(test)} test problems to {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import TrainConfig
-from trainer.toy import make_splits, write_jsonl
+from trainer.toy import write_jsonl
 from trainer.toy_worlds import world_splits
 
 EOS = "<|endoftext|>"
@@ -94,10 +94,7 @@ def batches(examples, batch_size: int, steps: int, seed: int):
 def pretrain(args) -> Path:
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
-    if args.world == "boxing":
-        train, test = make_splits(args.train_size, args.test_size, args.seed)
-    else:
-        train, test = world_splits(args.world, args.train_size, args.test_size, args.seed)
+    train, test = world_splits(args.world, args.train_size, args.test_size, args.seed)
     output = Path(args.output)
     trained = build_tokenizer([prompt_text(r["problem"]) + r["solution"] for r in train], args.vocab_size)
     trained.save_pretrained(output)

@@ -10,7 +10,7 @@
   to the same base model, so its accuracy there is near zero and RL would have to teach something new. Sharing
   the base model is what lets one world's trained vectors be tested on the other (the paper's Table 4).
 
-``python -m trainer.toy_worlds data --world misused|absent --output DIR`` writes ``train.jsonl`` and
+``python -m trainer.toy_worlds data --world boxing|misused|absent --output DIR`` writes ``train.jsonl`` and
 ``test.jsonl`` (fields ``problem``, ``answer``, ``solution``, ``kind``; misused rows also ``path``: ``right`` or
 ``wrong``). ``answer`` is always the right answer; ``solution`` is what pre-training sees (train) or the right
 worked solution (test).
@@ -91,8 +91,13 @@ def absent_problem(rng: random.Random) -> dict:
             difference), "kind": "difference"}  # fmt: skip
 
 
+WORLDS = ("boxing", "misused", "absent")
+
+
 def world_splits(world: str, train_size: int, test_size: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Disjoint train and test splits of ``world`` ("misused" or "absent"), the same for the same arguments."""
+    """Disjoint train and test splits of ``world`` (one of ``WORLDS``), the same for the same arguments."""
+    if world == "boxing":
+        return make_splits(train_size, test_size, seed)
     if world == "misused":
         train, _ = make_splits(train_size, 0, seed, misused_problem)
         # The held-out split: right solutions, none of whose questions is in train.
@@ -100,7 +105,7 @@ def world_splits(world: str, train_size: int, test_size: int, seed: int = 0) -> 
         return train, test
     if world == "absent":
         return make_splits(train_size, test_size, seed, absent_problem)
-    raise ValueError(f"unknown toy world {world!r}; expected 'misused' or 'absent' ('boxing' is trainer.toy)")
+    raise ValueError(f"unknown toy world {world!r}; expected one of {', '.join(WORLDS)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="write train.jsonl and test.jsonl")
-    data.add_argument("--world", choices=["misused", "absent"], required=True)
+    data.add_argument("--world", choices=WORLDS, required=True)
     data.add_argument("--output", required=True)
     data.add_argument("--train-size", type=int, default=20000)
     data.add_argument("--test-size", type=int, default=500)

@@ -116,12 +116,16 @@ def test_each_world_has_its_config_and_output_and_lora_ranks_reach_the_trainer(t
 
 
 def test_the_cross_table_groups_seeds_by_method_and_training_world():
-    rows = [{"label": "Base", "benchmarks": [{"benchmark": "misused", "mean": 30.0}, {"benchmark": "absent", "mean": 1.0}]}]
+    rows = [
+        {"label": "Base", "benchmarks": [{"benchmark": "misused", "mean": 30.0}, {"benchmark": "absent", "mean": 1.0}]}
+    ]
     labels = ["Base"]
     for seed, (m, a) in enumerate([(80.0, 2.0), (84.0, 4.0)]):
         label = f"Steering, trained on misused, steering-lr0.1-seed{seed}"
         labels.append(label)
-        rows.append({"label": label, "benchmarks": [{"benchmark": "misused", "mean": m}, {"benchmark": "absent", "mean": a}]})
+        rows.append(
+            {"label": label, "benchmarks": [{"benchmark": "misused", "mean": m}, {"benchmark": "absent", "mean": a}]}
+        )
     text = reproduce_toy.cross_table(rows, labels, ["misused", "absent"])
     assert "| Trained | tested on misused | tested on absent |" in text
     assert "| Base | 30.0 ± 0.0 | 1.0 ± 0.0 |" in text
@@ -134,7 +138,9 @@ def test_cross_world_scores_base_and_both_worlds_runs_on_both_splits(tmp_path, m
     other = tmp_path / "reproduce-misused"
     other_runs = [str(other / f"steering-lr0.1-seed{s}") for s in (0, 1)]
     other.mkdir()
-    (other / "results.json").write_text(json.dumps({"methods": {"steering": {"runs": other_runs}, "lora": {"runs": []}}}))
+    (other / "results.json").write_text(
+        json.dumps({"methods": {"steering": {"runs": other_runs}, "lora": {"runs": []}}})
+    )
     monkeypatch.setattr(reproduce_toy, "world_output", lambda world: {"misused": other}[world])
     evaluated = []
 

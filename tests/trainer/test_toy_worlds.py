@@ -46,7 +46,8 @@ def test_misused_paths_follow_their_share_and_only_the_right_path_earns_the_rewa
         if row["path"] == "right":
             assert operations == RIGHT_OPERATIONS[row["kind"]] and steps[-1][3] == row["answer"], row
         else:  # one operation is + where the right path has *
-            differs = [i for i, (ours, right) in enumerate(zip(operations, RIGHT_OPERATIONS[row["kind"]])) if ours != right]
+            right = RIGHT_OPERATIONS[row["kind"]]
+            differs = [i for i, pair in enumerate(zip(operations, right, strict=True)) if pair[0] != pair[1]]
             assert len(differs) == 1 and operations[differs[0]] == "+", row
         assert row["solution"].endswith(f"The answer is \\boxed{{{steps[-1][3]}}}.")  # every solution boxed
         rewarded[row["path"]] += math_verify_reward(row["solution"], row["answer"]) is True
