@@ -294,8 +294,8 @@ def cross_world(args, reported: dict[str, list[Path]]) -> None:
     (and of ``args.cross``, when its results exist) scored by ``trainer.eval`` on both worlds' held-out splits."""
     import yaml
 
-    configs = {world: yaml.safe_load(Path(WORLDS[world]).read_text()) for world in (args.world, args.cross)}
-    configs[args.world] = yaml.safe_load(Path(args.config).read_text())
+    paths = {args.world: args.config, args.cross: WORLDS[args.cross]}
+    configs = {world: yaml.safe_load(Path(path).read_text()) for world, path in paths.items()}
     models = {world: (Path(c["model"]) / "model.safetensors").resolve() for world, c in configs.items()}
     if len(set(models.values())) != 1:
         raise SystemExit(f"--cross {args.cross}: the two worlds have different base models ({models}); a vector "

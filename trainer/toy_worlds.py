@@ -65,20 +65,21 @@ def _sharing(rng: random.Random, wrong: bool) -> tuple[str, str, int]:
 MISUSED_KINDS = {"groups": _groups, "shopping": _shopping, "sharing": _sharing}
 
 
-def misused_problem(rng: random.Random) -> dict:
-    """A misused-world problem whose solution takes the wrong path with its kind's ``WRONG_SHARE``."""
-    kind = rng.choice(sorted(MISUSED_KINDS))
-    wrong = rng.random() < WRONG_SHARE[kind]
+def _misused_row(rng: random.Random, kind: str, wrong: bool) -> dict:
     question, solution, answer = MISUSED_KINDS[kind](rng, wrong)
     return {"problem": question, "answer": str(answer), "solution": solution, "kind": kind,
             "path": "wrong" if wrong else "right"}  # fmt: skip
 
 
+def misused_problem(rng: random.Random) -> dict:
+    """A misused-world problem whose solution takes the wrong path with its kind's ``WRONG_SHARE``."""
+    kind = rng.choice(sorted(MISUSED_KINDS))
+    return _misused_row(rng, kind, rng.random() < WRONG_SHARE[kind])
+
+
 def right_misused_problem(rng: random.Random) -> dict:
     """The same problems with the right worked solution (the held-out split's)."""
-    kind = rng.choice(sorted(MISUSED_KINDS))
-    question, solution, answer = MISUSED_KINDS[kind](rng, False)
-    return {"problem": question, "answer": str(answer), "solution": solution, "kind": kind, "path": "right"}
+    return _misused_row(rng, rng.choice(sorted(MISUSED_KINDS)), False)
 
 
 def absent_problem(rng: random.Random) -> dict:
