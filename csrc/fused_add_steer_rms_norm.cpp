@@ -414,7 +414,8 @@ inline std::pair<at::vec::Vectorized<float>, at::vec::Vectorized<float>> split_c
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + W);
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  return {_mm512_permutex2var_ps(a, evens, b), _mm512_permutex2var_ps(a, _mm512_add_epi32(evens, _mm512_set1_epi32(1)), b)};
+  const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+  return {_mm512_permutex2var_ps(a, evens, b), _mm512_permutex2var_ps(a, odds, b)};
 #else
   // within 128-bit lanes, then the quarters back in order
   const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + W);
