@@ -295,18 +295,21 @@ inline aVec sum_slots(const aVec (&acc)[kSlots][kParts]) {
 // load slots and the next row's lines evicting this row's from L1).
 template <typename T>
 struct NextRow {
+  static constexpr bool kEnabled = sizeof(T) == 2;  // a constant, so fp32 rows carry no test per chunk either
   const T* hidden = nullptr;
   const T* residual = nullptr;
   inline void prefetch(int64_t j) const {
-    if (hidden == nullptr) return;
-    __builtin_prefetch(hidden + j, 0, 2);
-    __builtin_prefetch(residual + j, 0, 2);
+    if constexpr (kEnabled) {
+      if (hidden == nullptr) return;
+      __builtin_prefetch(hidden + j, 0, 2);
+      __builtin_prefetch(residual + j, 0, 2);
+    }
   }
 };
 
 template <typename T>
 inline NextRow<T> next_row(const T* hidden, const T* residual, int64_t t, int64_t end, int64_t d) {
-  if (sizeof(T) != 2 || t + 1 >= end) return {};
+  if (!NextRow<T>::kEnabled || t + 1 >= end) return {};
   return {hidden + (t + 1) * d, residual + (t + 1) * d};
 }
 
