@@ -3,6 +3,8 @@
 Forward, in place (the engine's form): every contender overwrites hidden and residual.
   ours      torch.ops.steering.fused_add_steer_rms_norm_, the call the vLLM plugin makes
   vllm      vLLM's fused_add_rms_norm from vLLM's library for the same ISA: the same work minus the vector
+  vllm A/A  the same vLLM call timed a second time as its own contender: time(vllm A/A) / time(vllm) is
+            the A/A control, how far two runs of one op drift apart in this row (the noise on "vs vllm")
   naive     steering done naively: residual += vector, then vLLM's op
   eager     the reference written in place in eager torch
   compiled  torch.compile of that in-place reference (Inductor fuses it into one loop)
@@ -24,6 +26,9 @@ and the same per byte for the backward, which moves 3 T d elements (dy, x in; g 
   python -m benchmarks.bench_kernel                 # each ISA this CPU runs (AVX2, AVX512, AVX512_BF16)
   python -m benchmarks.bench_kernel --isa AVX2      # one ISA: our variant and vLLM's, loaded in this process
   python -m benchmarks.bench_kernel --quick         # T in {16, 4096}, d = 3584
+  python -m benchmarks.bench_kernel --repeats 3     # three runs of every ISA, taken in turn; per contender and
+                                                    # row the median of the runs' medians (a burst of load
+                                                    # from a neighbour on a shared machine moves one run)
 """
 
 import argparse
@@ -38,7 +43,7 @@ import time
 EPS = 1e-6
 # vLLM for CPU ships one library per ISA; each registers torch.ops._C, so one per process
 VLLM_LIBRARY = {"AVX512_BF16": "vllm._C", "AVX512": "vllm._C_AVX512", "AVX2": "vllm._C_AVX2"}
-FORWARD = ("ours", "vllm", "naive", "eager", "compiled", "ref")
+FORWARD = ("ours", "vllm", "naive", "eager", "compiled", "ref", "vllm_again")
 BACKWARD = ("ours", "eager", "compiled", "ref")
 
 
@@ -140,6 +145,7 @@ def forward_contenders(T, d, dtype, compiled_reference_, with_vllm: bool, n_sets
     if with_vllm:
         fns["vllm"] = lambda b: ops._C.fused_add_rms_norm(b[0], b[1], weight, EPS)
         fns["naive"] = lambda b: (b[1].add_(vector), ops._C.fused_add_rms_norm(b[0], b[1], weight, EPS))
+        fns["vllm_again"] = lambda b: ops._C.fused_add_rms_norm(b[0], b[1], weight, EPS)
     fns["eager"] = lambda b: reference_(b[0], b[1], table, weight, EPS)
     fns["compiled"] = lambda b: compiled_reference_(b[0], b[1], table, weight, EPS)
     fns["ref"] = lambda b: ops.steering.bandwidth_reference_(b[0], b[1])
@@ -251,7 +257,9 @@ def render(all_results: list[dict]) -> str:
     forward, backward = [], []
     for res in all_results:
         for r in res["forward"]:
-            forward.append(leading_cells(res["isa"], r, 4) + [_ratio(r, n) for n in FORWARD[1:][::-1]])
+            ratios = [_ratio(r, n) for n in ("ref", "compiled", "eager", "naive", "vllm")]
+            a_a = "-" if r.get("vllm_again") is None else f"{r['vllm_again'] / r['vllm']:.2f}"
+            forward.append(leading_cells(res["isa"], r, 4) + ratios + [a_a])
         for r in res["backward"]:
             of_ref = f"{0.75 * r['ref'] / r['ours']:.2f}"  # per byte: ours moves 3 T d elements, the swap 4 T d
             backward.append(leading_cells(res["isa"], r, 3) + [of_ref, _ratio(r, "eager"), _ratio(r, "compiled")])
@@ -259,10 +267,24 @@ def render(all_results: list[dict]) -> str:
     lines = [
         "Forward, in place: GB/s = 4 T d bytes / time; of ref, vs X = time(X) / time(ours): above 1, ours is faster"
     ]
-    lines += [""] + _table(head + ["of ref", "vs compiled", "vs eager", "vs naive", "vs vllm"], forward)
+    lines += [""] + _table(head + ["of ref", "vs compiled", "vs eager", "vs naive", "vs vllm", "vllm A/A"], forward)
     lines += ["", "Backward (d_hidden = d_residual, d_table): GB/s = 3 T d bytes / time; of ref per byte", ""]
     lines += _table(head + ["of ref", "vs eager", "vs compiled"], backward)
     return "\n".join(lines)
+
+
+def median_of_runs(runs: list[dict]) -> dict:
+    """One ISA's results from several runs of the same rows: each contender's median time over the runs."""
+    merged = {key: value for key, value in runs[0].items() if key not in ("forward", "backward")}
+    for kind in ("forward", "backward"):
+        merged[kind] = []
+        for rows in zip(*(run[kind] for run in runs), strict=True):
+            row = dict(rows[0])
+            for name, value in rows[0].items():
+                if isinstance(value, float):
+                    row[name] = statistics.median(r[name] for r in rows)
+            merged[kind].append(row)
+    return merged
 
 
 def runnable_isas() -> list[str]:
@@ -282,6 +304,7 @@ def main() -> None:
     parser.add_argument("--cache", nargs="+", default=["hot", "cold"], choices=["hot", "cold"])
     parser.add_argument("--samples", type=int, default=11)
     parser.add_argument("--quick", action="store_true", help="T in {16, 4096}, d = 3584")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every ISA, in turn; medians over them")
     parser.add_argument("--json", action="store_true", help="print the results as JSON (used between processes)")
     args = parser.parse_args()
     if args.quick:
@@ -293,21 +316,25 @@ def main() -> None:
         print(json.dumps(results) if args.json else render([results]), flush=True)
         return
 
-    all_results = []
     forwarded = ["--samples", str(args.samples), "--dtypes", *args.dtypes, "--cache", *args.cache]
     forwarded += ["--tokens", *map(str, args.tokens), "--hidden", *map(str, args.hidden)]
-    for isa in runnable_isas():
-        print(f"--- {isa}", file=sys.stderr, flush=True)
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.bench_kernel", "--isa", isa, "--json", *forwarded],
-            check=True,
-            stdout=subprocess.PIPE,
-            text=True,
-        ).stdout
-        all_results.append(json.loads(out.strip().splitlines()[-1]))
+    isas = runnable_isas()
+    runs = {isa: [] for isa in isas}
+    for repeat in range(args.repeats):
+        for isa in isas:
+            print(f"--- {isa}, run {repeat + 1} of {args.repeats}", file=sys.stderr, flush=True)
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.bench_kernel", "--isa", isa, "--json", *forwarded],
+                check=True,
+                stdout=subprocess.PIPE,
+                text=True,
+            ).stdout
+            runs[isa].append(json.loads(out.strip().splitlines()[-1]))
+    all_results = [median_of_runs(runs[isa]) for isa in isas]
     import torch
 
-    print(f"torch {torch.__version__}, {all_results[0]['threads']} threads, medians of {args.samples} samples")
+    of_runs = f", median of {args.repeats} runs" if args.repeats > 1 else ""
+    print(f"torch {torch.__version__}, {all_results[0]['threads']} threads, medians of {args.samples} samples{of_runs}")
     print(render(all_results))
 
 

@@ -42,3 +42,32 @@ def test_in_place_contenders_compute_the_op(dtype):
     a, b = hidden.clone(), residual.clone()
     torch.ops.steering.bandwidth_reference_(a, b)
     assert torch.equal(a, residual) and torch.equal(b, hidden)
+
+
+def test_render_divides_each_contender_by_ours_and_the_a_a_control_by_vllm():
+    forward = {"cache": "cold", "dtype": "float32", "T": 16, "d": 1536, "ours": 2e-6, "vllm": 3e-6, "naive": 4e-6}
+    forward |= {"eager": 5e-6, "compiled": 6e-6, "ref": 1e-6, "vllm_again": 3.3e-6}
+    backward = {"cache": "cold", "dtype": "float32", "T": 16, "d": 1536, "ours": 4e-6, "eager": 8e-6}
+    backward |= {"compiled": 6e-6, "ref": 2e-6}
+    table = bench_kernel.render([{"isa": "AVX2", "forward": [forward], "backward": [backward]}])
+    lines = table.splitlines()
+    header = next(line for line in lines if "vllm A/A" in line)
+    row = lines[lines.index(header) + 2]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")], strict=True))
+    assert cells["of ref"] == "0.50" and cells["vs compiled"] == "3.00" and cells["vs eager"] == "2.50"
+    assert cells["vs naive"] == "2.00" and cells["vs vllm"] == "1.50"
+    assert cells["vllm A/A"] == "1.10"  # vllm_again / vllm, not / ours
+    assert cells["ours GB/s"] == f"{4 * 16 * 1536 * 4 / 2e-6 / 1e9:.1f}"
+
+
+def test_runs_merge_into_each_contenders_median_per_row():
+    def run(ours, vllm):
+        row = {"cache": "hot", "dtype": "bfloat16", "T": 16, "d": 64, "ours": ours, "vllm": vllm, "naive": None}
+        return {"isa": "AVX2", "threads": 2, "forward": [row], "backward": [dict(row, T=512)]}
+
+    merged = bench_kernel.median_of_runs([run(1.0, 2.0), run(5.0, 4.0), run(3.0, 9.0)])
+    assert merged["isa"] == "AVX2" and merged["threads"] == 2
+    for kind, T in (("forward", 16), ("backward", 512)):
+        (row,) = merged[kind]
+        assert row["ours"] == 3.0 and row["vllm"] == 4.0  # per contender, not the run whose ours is the median
+        assert row["naive"] is None and row["T"] == T and row["cache"] == "hot"
