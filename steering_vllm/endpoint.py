@@ -33,8 +33,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from steering_vllm.config import check_set_name
-from steering_vllm.engine_args import is_steered
-from steering_vllm.hot_swap import NO_SETS_MESSAGE, remove_steering, steering_sets, update_steering_async
+from steering_vllm.families import is_steered
+from steering_vllm.hot_swap import (
+    NO_SETS_MESSAGE,
+    remove_steering,
+    rpc_every_rank,
+    steering_sets,
+    update_steering_async,
+)
+from steering_vllm.scale_out import front_end_count, serves_one_rank_of_many
 from steering_vllm.sets import CHOICE_KEY
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
 
@@ -122,7 +129,18 @@ class SteeringControl:
         self.active_hash: str | None = None
         self.sets = steering_sets(engine)
         self.base_model_name = self.model_config.model
+        parallel_config = engine.vllm_config.parallel_config
+        self.shares_engine = front_end_count(parallel_config) > 1
+        self.one_rank_of_many = serves_one_rank_of_many(parallel_config)
         self._lock = asyncio.Lock()
+
+    async def current_hash(self, scope) -> str | None:
+        """The active vectors' hash for a response's header. With several API servers a swap may have come
+        through another one, so a generation request asks the workers (one cheap RPC)."""
+        generation = scope["method"] == "POST" and scope["path"] in GENERATION_ROUTES
+        if self.steered and self.shares_engine and self.sets is None and generation:
+            self.active_hash = (await rpc_every_rank(self.engine, "steering_hash"))[0]
+        return self.active_hash
 
     def not_steered_message(self) -> str:
         architectures = getattr(self.model_config.hf_config, "architectures", None)
@@ -131,7 +149,7 @@ class SteeringControl:
     async def status(self) -> dict:
         if self.sets is not None:  # each request's own configuration is in its x-steering-hash
             return self.sets.status()
-        statuses = await self.engine.collective_rpc("steering_status")
+        statuses = await rpc_every_rank(self.engine, "steering_status")
         hashes = {s["content_hash"] for s in statuses}
         if len(hashes) != 1:
             raise HTTPProblem(500, f"workers disagree on the active vectors: {sorted(hashes)}", "InternalServerError")
@@ -139,6 +157,14 @@ class SteeringControl:
         return statuses[0]
 
     async def put(self, request: Request, set_name: str | None = None) -> dict:
+        if self.one_rank_of_many:
+            raise HTTPProblem(
+                409,
+                "this server is one data-parallel rank behind an external load balancer: a swap here would reach "
+                "this rank only. Restart every rank with the new --steering-vectors, or serve with internal load "
+                "balancing (--data-parallel-size N --api-server-count 1)",
+                "ConflictError",
+            )
         if set_name is not None:
             self._check_set_name(set_name)
         scale = _scale(request.query_params.get("scale"))
@@ -219,7 +245,7 @@ class HashHeaderMiddleware:
 
     async def __call__(self, scope, receive, send):
         control = self.endpoint.control
-        active = control.active_hash if control is not None else None
+        active = await control.current_hash(scope) if control is not None and scope["type"] == "http" else None
         if scope["type"] != "http" or active is None:
             return await self.app(scope, receive, send)
         return await self.app(scope, receive, _with_header(send, (HASH_HEADER.encode(), active.encode())))

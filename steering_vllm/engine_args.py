@@ -25,6 +25,8 @@ from steering_vllm.config import (
     per_request_options,
     steering_options,
 )
+from steering_vllm.families import ARCHITECTURES, architectures, is_steered
+from steering_vllm.scale_out import check_serving_mode
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
 
 
@@ -50,14 +52,14 @@ def install() -> None:
     def create_engine_config(self, *args, **kwargs):
         vllm_config = original_create(self, *args, **kwargs)
         check_vectors_against_model(vllm_config)
+        check_serving_mode(vllm_config)
         add_worker_extension(vllm_config)
-        if per_request_options(vllm_config.additional_config) is not None:
+        if is_steered(vllm_config.model_config):
             from steering_vllm import frontend
 
-            frontend.install_hooks()  # this process builds an engine: its front end resolves requests' sets
-            # The workers' row assignment hooks vLLM's V1 model runner (V2, the GPU default when Triton is
-            # installed, is not supported yet); the workers this process starts inherit the choice.
-            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+            # This process builds an engine's front end (LLM, a serve process, or one of several API servers):
+            # it resolves each request's steering choice, or refuses one the engine cannot honour.
+            frontend.install_hooks()
         return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
@@ -177,8 +179,6 @@ def _directory(value: str) -> str:
 def check_vectors_against_model(vllm_config) -> None:
     """Raise SteeringVectorsError unless the configured vectors and sets fit the model (architecture, layers,
     width)."""
-    from steering_vllm.families import ARCHITECTURES
-
     additional_config = vllm_config.additional_config
     path, _ = steering_options(additional_config)
     per_request = per_request_options(additional_config)
@@ -188,7 +188,7 @@ def check_vectors_against_model(vllm_config) -> None:
     if not is_steered(model_config):
         what = path if path is not None else "per-request steering sets"
         raise SteeringVectorsError(
-            f"{what}: model {model_config.model} is {_architectures(model_config)}; "
+            f"{what}: model {model_config.model} is {architectures(model_config)}; "
             f"steering supports {sorted(ARCHITECTURES)}"
         )
     if path is not None:
@@ -207,17 +207,6 @@ def vectors_for_model(vectors: SteeringVectors | str | os.PathLike, model_config
         vectors = SteeringVectors.load(vectors, num_layers=text_config.num_hidden_layers)
     vectors.check_compatible(text_config.num_hidden_layers, text_config.hidden_size, model_config.model)
     return vectors
-
-
-def is_steered(model_config) -> bool:
-    """Whether the plugin serves this model with its steered class."""
-    from steering_vllm.families import ARCHITECTURES
-
-    return bool(set(_architectures(model_config)) & set(ARCHITECTURES))
-
-
-def _architectures(model_config) -> list[str]:
-    return list(getattr(model_config.hf_config, "architectures", None) or [])
 
 
 def add_worker_extension(vllm_config) -> None:

@@ -27,3 +27,13 @@ ONE_PLUS_WEIGHT_NORMS = ("Gemma2RMSNorm", "Gemma3RMSNorm")
 def norm_weight_offset(norm) -> float:
     """1.0 for a norm that multiplies by ``1 + weight`` (Gemma's), else 0.0: the op's ``weight_offset``."""
     return 1.0 if type(norm).__name__ in ONE_PLUS_WEIGHT_NORMS else 0.0
+
+
+def architectures(model_config) -> list[str]:
+    """The architecture names of a vLLM ``ModelConfig``'s checkpoint."""
+    return list(getattr(model_config.hf_config, "architectures", None) or [])
+
+
+def is_steered(model_config) -> bool:
+    """Whether the plugin serves this model (a vLLM ``ModelConfig``) with its steered class."""
+    return bool(set(architectures(model_config)) & set(ARCHITECTURES))

@@ -1,8 +1,9 @@
 """Per-request steering in the engine's front end (``LLMEngine`` behind ``vllm.LLM``, ``AsyncLLM`` behind
 ``vllm serve``): resolve each request's choice, key its prefix cache, admit it, and tell the workers.
 
-``install(engine)`` (called by the plugin after the engine is built, when ``steering_sets`` or
-``max_steering_configs`` is configured) wraps four methods of that engine instance, nothing global:
+``install(engine)`` (called by the plugin after a steered model's engine is built) wraps methods of that
+engine instance, nothing global. Without ``steering_sets`` / ``max_steering_configs`` it only refuses
+requests that choose vectors (``refuse_choice``: they would silently get the engine's one set). With them:
 
 - ``input_processor.process_inputs`` (and its async twin): resolve the request's ``extra_args`` to a
   configuration (a bad choice raises ValueError here, before anything is scheduled), record its hash in
@@ -24,9 +25,18 @@ import asyncio
 import functools
 from collections import OrderedDict
 
+from vllm.exceptions import VLLMValidationError
+
 from steering_vllm.config import per_request_options, steering_options
+from steering_vllm.engine_guard import START_WITH_SETS, STEERING_KEYS
 from steering_vllm.sets import CONFIG_KEY, Configuration, SteeringRowsExhausted, SteeringSets, salted
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+
+
+class SteeringChoiceError(VLLMValidationError, ValueError):
+    """A request's steering choice cannot be served: a ValueError to Python callers, and a validation error that
+    vLLM's servers answer with 400 on every route (a plain ValueError raised while vLLM 0.32 processes a
+    request's inputs becomes a 500 with an empty message)."""
 
 
 def install_hooks() -> None:
@@ -49,31 +59,53 @@ def install_hooks() -> None:
 
 
 def install(engine) -> None:
-    """Give ``engine`` (an ``LLMEngine`` or ``AsyncLLM``) per-request steering, if its config asks for it."""
-    from steering_vllm.engine_args import is_steered
+    """Give ``engine`` (an ``LLMEngine`` or ``AsyncLLM``) per-request steering if its config asks for it; a
+    steered engine without it refuses requests that choose vectors (they would get the global ones)."""
+    from steering_vllm.families import is_steered
 
     vllm_config = engine.vllm_config
-    options = per_request_options(vllm_config.additional_config)
-    if options is None or not is_steered(vllm_config.model_config):
+    if not is_steered(vllm_config.model_config):
+        return
+    if per_request_options(vllm_config.additional_config) is None:
+        _wrap_process_inputs(engine, refuse_choice)
         return
     engine.steering_sets = sets = load_sets(vllm_config.model_config, vllm_config.additional_config)
     front = SteeringFrontEnd(sets, engine)
-    processor = engine.input_processor
-    process_inputs, process_inputs_async = processor.process_inputs, processor.process_inputs_async
-
-    def resolving(*args, **kwargs):
-        return front.resolve(process_inputs(*args, **kwargs))
-
-    async def resolving_async(*args, **kwargs):
-        return front.resolve(await process_inputs_async(*args, **kwargs))
-
-    processor.process_inputs, processor.process_inputs_async = resolving, resolving_async
+    _wrap_process_inputs(engine, front.resolve)
     client = engine.engine_core
     if front.is_async:  # AsyncLLM
         front.wrap_async_client(client)
     else:
         front.wrap_sync_client(client)
     engine.steering_front_end = front
+
+
+def _wrap_process_inputs(engine, then) -> None:
+    """Pass every request ``engine``'s input processor makes through ``then`` (which may raise ValueError)."""
+    processor = engine.input_processor
+    process_inputs, process_inputs_async = processor.process_inputs, processor.process_inputs_async
+
+    def processed(*args, **kwargs):
+        return then(process_inputs(*args, **kwargs))
+
+    async def processed_async(*args, **kwargs):
+        return then(await process_inputs_async(*args, **kwargs))
+
+    processor.process_inputs, processor.process_inputs_async = processed, processed_async
+
+
+def refuse_choice(request):
+    """A steered engine without per-request sets: refuse a request that chooses vectors, before scheduling."""
+    params = request.sampling_params
+    extra_args = (params.extra_args if params is not None else None) or {}
+    asked = [key for key in STEERING_KEYS if key in extra_args]
+    if asked:
+        choice = {key: extra_args[key] for key in asked}
+        raise SteeringChoiceError(
+            f"steering choice {choice} needs per-request steering, and this server serves one set of vectors to "
+            f"every request: {START_WITH_SETS}"
+        )
+    return request
 
 
 def load_sets(model_config, additional_config) -> SteeringSets:
@@ -111,7 +143,10 @@ class SteeringFrontEnd:
         params = request.sampling_params
         if params is None:  # pooling requests are not steered per request
             return request
-        configuration = self.sets.resolve(params.extra_args)
+        try:
+            configuration = self.sets.resolve(params.extra_args)
+        except ValueError as e:
+            raise SteeringChoiceError(str(e)) from None
         if not self.is_async and not self.sets.can_admit(configuration):
             raise SteeringRowsExhausted(
                 f"this request needs a steering configuration of its own, and all {self.sets.max_configs} "

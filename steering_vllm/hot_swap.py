@@ -12,6 +12,7 @@ request's vectors).
 
 from __future__ import annotations
 
+import functools
 import os
 
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
@@ -23,15 +24,23 @@ def update_steering(llm, vectors: SteeringVectors | str | os.PathLike, name: str
     With per-request sets, this adds or replaces set ``name`` (None: the default set) instead.
 
     The vectors are checked against the model first, so a bad update raises ``SteeringVectorsError`` and
-    changes nothing. Then every worker copies them into its buffers in place (addresses unchanged, so
-    compiled graphs and CUDA graphs stay valid), and the prefix cache is reset: its blocks were computed
-    with the old vectors and must never be reused. Call it between ``generate`` calls (``LLM`` runs no
-    request then); a request never sees half a swap.
+    changes nothing. Then every worker stages them, and only when all have, copies them into its buffers in
+    place (addresses unchanged, so compiled graphs and CUDA graphs stay valid). The prefix cache is reset:
+    its blocks were computed with the old vectors and must never be reused. Call it between ``generate``
+    calls (``LLM`` runs no request then); a request never sees half a swap.
     """
     vectors = _checked(llm.llm_engine.vllm_config, vectors)
     if _put_set(llm.llm_engine, vectors, name):
         return vectors.content_hash()
-    _check_hashes(llm.collective_rpc("steering_update", args=(vectors.to_bytes(), vectors.source)), vectors)
+    expected = vectors.content_hash()
+    try:
+        _check_hashes(
+            "stage", llm.collective_rpc("steering_stage", args=(vectors.to_bytes(), vectors.source)), expected
+        )
+    except BaseException:
+        llm.collective_rpc("steering_discard")
+        raise
+    _check_hashes("commit", llm.collective_rpc("steering_commit", args=(expected,)), expected)
     if not llm.reset_prefix_cache():
         raise RuntimeError("steering update: the prefix cache could not be reset (requests still running?)")
     return vectors.content_hash()
@@ -48,13 +57,34 @@ async def update_steering_async(engine, vectors: SteeringVectors | str | os.Path
     vectors = _checked(engine.vllm_config, vectors)
     if _put_set(engine, vectors, name):
         return vectors.content_hash()
-    payload = vectors.to_bytes()
+    expected = vectors.content_hash()
     await engine.pause_generation(mode="keep", clear_cache=True)
     try:
-        _check_hashes(await engine.collective_rpc("steering_update", args=(payload, vectors.source)), vectors)
+        await swap_every_rank(functools.partial(rpc_every_rank, engine), vectors.to_bytes(), vectors.source, expected)
     finally:
         await engine.resume_generation()
-    return vectors.content_hash()
+    return expected
+
+
+async def swap_every_rank(rpc, payload: bytes, source: str, expected: str) -> None:
+    """Stage the vectors on every worker of every engine rank, then commit them; a rank that fails to stage
+    fails the swap with the old vectors kept everywhere. ``rpc(method, *args)`` answers one result a worker."""
+    try:
+        _check_hashes("stage", await rpc("steering_stage", payload, source), expected)
+    except BaseException:
+        await rpc("steering_discard")
+        raise
+    _check_hashes("commit", await rpc("steering_commit", expected), expected)
+
+
+async def rpc_every_rank(engine, method: str, *args) -> list:
+    """``engine.collective_rpc`` on every data-parallel engine's workers, one result per worker. (vLLM's DP
+    client sends a utility call to every engine but returns the first engine's answer alone.)"""
+    call_all = getattr(engine.engine_core, "call_utility_all_async", None)
+    if call_all is None:  # in-process client: one engine
+        return await engine.collective_rpc(method, args=args)
+    per_engine = await call_all("collective_rpc", method, None, args, None)
+    return [result for results in per_engine for result in results]
 
 
 def remove_steering(llm_or_engine, name: str) -> None:
@@ -102,7 +132,6 @@ def _checked(vllm_config, vectors) -> SteeringVectors:
     return vectors
 
 
-def _check_hashes(hashes: list[str], vectors: SteeringVectors) -> None:
-    expected = vectors.content_hash()
-    if any(h != expected for h in hashes):
-        raise RuntimeError(f"steering update: workers report {hashes}, expected {expected}")
+def _check_hashes(phase: str, hashes: list[str], expected: str) -> None:
+    if not hashes or any(h != expected for h in hashes):
+        raise RuntimeError(f"steering update ({phase}): workers report {hashes}, expected {expected}")

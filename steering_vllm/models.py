@@ -97,11 +97,13 @@ class SteeringMixin:
             for norm in self.steering_norms():
                 norm.steering_table[0].copy_(table[norm.steered_layer])
         self._record_steering(vectors)
-        return table_hash(self.active_steering_table())
+        self.steering_hash = table_hash(self.active_steering_table())
+        return self.steering_hash
 
     def _record_steering(self, vectors: SteeringVectors) -> None:
         # Every rank receives the full vectors, so every rank can describe them (and all agree).
         self._steering_received = vectors.to_tensor()
+        self.steering_hash = vectors.content_hash()
         self._steering_status = {"source": vectors.source, "model": vectors.model, "set_at": time.time()}
         self._steering_history.append(
             {

@@ -35,6 +35,7 @@ class RowAssigner:
         self.row_config: list[str | None] = [None] * num_rows
         self.config_row: dict[str, int] = {}
         self.idle_rows: OrderedDict[int, None] = OrderedDict((row, None) for row in range(1, num_rows))
+        self.forwards = 0  # batches filled: proof that the runner in use calls the hooked forward
 
     def store_configuration(self, content_hash: str, table: torch.Tensor) -> None:
         self.store[content_hash] = table
@@ -45,6 +46,7 @@ class RowAssigner:
 
     def fill(self, runner, num_tokens: int) -> None:
         """Point every token of the batch ``runner`` is about to run at its request's row."""
+        self.forwards += 1
         requests = runner.requests
         self.release_ended(requests)
         batch = runner.input_batch
@@ -119,4 +121,5 @@ class RowAssigner:
                 if self.row_config[row] is not None
             },
             "stored": sorted(self.store),
+            "forwards": self.forwards,
         }

@@ -21,6 +21,31 @@ class SteeringWorkerExtension:
         vectors = SteeringVectors.from_bytes(payload, source=source)
         return self.model_runner.get_model().set_steering(vectors)
 
+    def steering_stage(self, payload: bytes, source: str = "update_steering") -> str:
+        """First half of a swap on every rank: validate and hold the vectors; returns their content hash. The
+        caller commits only once every rank (every data-parallel engine's workers) has staged them."""
+        vectors = SteeringVectors.from_bytes(payload, source=source)
+        model = self.model_runner.get_model()
+        vectors.check_compatible(model.steering_num_layers, model.steering_hidden_size)
+        self._steering_staged = vectors
+        return vectors.content_hash()
+
+    def steering_commit(self, content_hash: str) -> str:
+        """Second half: copy the staged vectors into the buffers in place; returns the hash read back."""
+        staged = getattr(self, "_steering_staged", None)
+        if staged is None or staged.content_hash() != content_hash:
+            raise RuntimeError(f"steering: vectors {content_hash[:12]} were not staged on this worker")
+        self._steering_staged = None
+        return self.model_runner.get_model().set_steering(staged)
+
+    def steering_discard(self) -> None:
+        """Drop staged vectors (another rank failed to stage them): the active ones stay."""
+        self._steering_staged = None
+
+    def steering_hash(self) -> str:
+        """The content hash of the active vectors as last set (cheap: no read of the buffers)."""
+        return self.model_runner.get_model().steering_hash
+
     def steering_table(self) -> bytes:
         """This rank's vectors (zero rows for layers held by other pipeline ranks), as safetensors bytes."""
         return SteeringVectors.from_tensor(self.model_runner.get_model().get_steering()).to_bytes()
@@ -45,7 +70,7 @@ class SteeringWorkerExtension:
         """Each table row in use: the configuration it was given and the hash read back from the buffers."""
         rows = self._steering_rows()
         rows.release_ended(self.model_runner.requests)
-        status = rows.status()
+        status = {**rows.status(), "runner": type(self.model_runner).__name__}
         model = self.model_runner.get_model()
         for row, entry in status["rows"].items():
             entry["buffer_hash"] = table_hash(model.steering_row(row))

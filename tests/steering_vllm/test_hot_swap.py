@@ -50,6 +50,17 @@ def swaps(tiny_model_dirs, prompts, tmp_path_factory):
     runs["after_failures"] = greedy(llm, prompts, MAX_TOKENS)
     update_steering(llm, a_path)  # from a file
     runs["back"] = greedy(llm, prompts, MAX_TOKENS)
+    runs["choices"] = {}
+    for label, choice in CHOICES.items():
+        with pytest.raises(ValueError) as error:
+            _generate_with(llm, prompts[0], choice)
+        runs["choices"][label] = str(error.value)
+    # A front end without the plugin's hooks (the instance's wrappers dropped, the class's methods back):
+    # the engine core refuses the choice itself, and the request ends with an error instead of tokens.
+    processor = llm.llm_engine.input_processor
+    del processor.process_inputs, processor.process_inputs_async
+    runs["unhooked"] = [_generate_with(llm, prompts[0], choice) for choice in CHOICES.values()]
+    runs["unhooked_plain"] = _generate_with(llm, prompts[0], None)
     shutdown(llm)
     fresh = start_engine(tiny_model_dirs["qwen2"], additional_config={
         "steering_vectors": str(B.save(directory / "b.safetensors"))
@@ -57,6 +68,18 @@ def swaps(tiny_model_dirs, prompts, tmp_path_factory):
     runs["fresh_b"] = greedy(fresh, prompts, MAX_TOKENS)
     shutdown(fresh)
     return runs
+
+
+CHOICES = {"set": {"steering": "a"}, "none": {"steering": "none"}, "scale": {"steering_scale": 0.5}}
+
+
+def _generate_with(llm, prompt, extra_args):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra_args)
+    (output,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+    return {"tokens": list(output.outputs[0].token_ids), "finish_reason": output.outputs[0].finish_reason}
 
 
 def _same(x, y, tolerance=1e-5):
@@ -92,3 +115,15 @@ def test_a_failed_update_changes_nothing(swaps):
 
 def test_swapping_back_restores_the_first_output(swaps):
     assert _same(swaps["back"], swaps["first"])
+
+
+def test_an_engine_without_sets_refuses_a_steering_choice_instead_of_serving_its_one_set(swaps):
+    """A request that asks for a set, for no steering or for a scale would otherwise get the global vectors."""
+    for label, message in swaps["choices"].items():
+        assert "needs per-request steering" in message and "--steering-sets NAME=PATH" in message, label
+
+
+def test_the_engine_core_refuses_a_choice_that_got_past_a_front_end_without_the_hooks(swaps):
+    assert [u["finish_reason"] for u in swaps["unhooked"]] == ["error"] * len(CHOICES)
+    assert all(u["tokens"] == [] for u in swaps["unhooked"])
+    assert swaps["unhooked_plain"]["tokens"] == swaps["back"][0]["tokens"]  # a request choosing nothing is served
