@@ -16,7 +16,8 @@ With per-request sets (``--steering-sets`` / ``--max-steering-configs``):
 
 - ``PUT /v1/steering/sets/{name}`` adds or replaces a set (same bodies, limits and errors as ``PUT
   /v1/steering``, which now replaces the default set); ``DELETE /v1/steering/sets/{name}`` removes one;
-  ``GET /v1/steering`` lists the default and every set with hashes and norms. Running requests keep the
+  ``GET /v1/steering`` lists the default and every set with hashes and norms, the live configurations and each
+  worker's table rows (configuration, requests using it, hash read back). Running requests keep the
   vectors they were admitted with.
 - A set is also chosen by its name in the OpenAI ``model`` field (as a LoRA adapter is): the body is
   rewritten to the base model with ``vllm_xargs.steering`` set; each set is listed in ``/v1/models``.
@@ -148,7 +149,8 @@ class SteeringControl:
 
     async def status(self) -> dict:
         if self.sets is not None:  # each request's own configuration is in its x-steering-hash
-            return self.sets.status()
+            # the front end's books, and each worker's table rows (every rank of every data-parallel engine)
+            return {**self.sets.status(), "workers": await rpc_every_rank(self.engine, "steering_rows_status")}
         statuses = await rpc_every_rank(self.engine, "steering_status")
         hashes = {s["content_hash"] for s in statuses}
         if len(hashes) != 1:
@@ -203,6 +205,8 @@ class SteeringControl:
             spec = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HTTPProblem(400, f"request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise HTTPProblem(400, "request body is JSON nested too deeply") from None
         if not isinstance(spec, dict) or not isinstance(spec.get("file"), str):
             raise HTTPProblem(400, 'a JSON body must be {"file": NAME}, NAME a file in the server\'s --steering-dir')
         if set(spec) != {"file"}:
@@ -297,7 +301,7 @@ def _with_set_from_model(body: bytes, sets, base_name: str) -> tuple[bytes, dict
     body unchanged (and None) when it is not a JSON object vLLM would accept."""
     try:
         request = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return body, None  # vLLM answers malformed JSON itself
     xargs = request.get("vllm_xargs") if isinstance(request, dict) else None
     if not isinstance(request, dict) or not isinstance(xargs or {}, dict):

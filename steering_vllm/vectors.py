@@ -169,6 +169,9 @@ class SteeringVectors:
         if not math.isfinite(factor):
             raise SteeringVectorsError(f"{self.source}: scale must be finite, got {factor}")
         vectors = {layer: vector * factor for layer, vector in self.vectors.items()}
+        overflowed = [layer for layer, vector in vectors.items() if not bool(torch.isfinite(vector).all())]
+        if overflowed:
+            raise SteeringVectorsError(f"{self.source}: scale {factor:g} overflows float32 on layers {overflowed}")
         return SteeringVectors(vectors, self.num_layers, self.hidden_size, self.model, self.source)
 
     def select_layers(self, layers: Iterable[int]) -> SteeringVectors:

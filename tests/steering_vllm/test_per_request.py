@@ -183,3 +183,11 @@ def test_every_row_holds_exactly_its_configurations_vectors_on_every_rank(served
         assert entry["buffer_hash"] == entry["content_hash"]
         assert entry["requests"] == 0  # nothing is running now
     assert all(status == first for status in others)  # tensor-parallel ranks agree on every row
+
+
+def test_the_runner_in_use_calls_the_forward_the_plugin_hooked(served):
+    """Rows are assigned in a hook on vLLM's V1 model runner, which the plugin selects: under any other runner no
+    batch would pass through the hook (and every request would read row 0)."""
+    for status in served["status"]:
+        assert status["runner"] in ("GPUModelRunner", "CPUModelRunner")
+        assert status["forwards"] >= MAX_TOKENS

@@ -101,3 +101,39 @@ def test_the_front_end_of_an_engine_without_sets_refuses_a_choice_before_schedul
     for extra_args in [{"steering": "a"}, {"steering": "none"}, {"steering_scale": 0.5}]:
         with pytest.raises(ValueError, match=r"needs per-request steering.*--steering-sets NAME=PATH"):
             refuse_choice(SimpleNamespace(sampling_params=_params(extra_args)))
+
+
+class _Ranks:
+    """Workers of several data-parallel engines as ``swap_every_rank`` reaches them (one result a worker); rank
+    ``failing`` cannot stage. Each keeps its active and staged hashes, as the worker extension does."""
+
+    def __init__(self, count, failing=None):
+        self.active, self.staged, self.failing = ["old"] * count, [None] * count, failing
+
+    async def rpc(self, method, *args):
+        if method == "steering_stage":
+            for rank in range(len(self.active)):
+                if rank == self.failing:
+                    raise RuntimeError(f"rank {rank}: out of memory")
+                self.staged[rank] = "new"
+            return ["new"] * len(self.active)
+        if method == "steering_discard":
+            self.staged = [None] * len(self.active)
+            return [None] * len(self.active)
+        assert method == "steering_commit" and all(s == args[0] for s in self.staged)
+        self.active, self.staged = list(self.staged), [None] * len(self.active)
+        return self.active
+
+
+def test_a_swap_commits_on_every_rank_only_after_every_rank_staged_it():
+    import asyncio
+
+    from steering_vllm.hot_swap import swap_every_rank
+
+    ranks = _Ranks(3)
+    asyncio.run(swap_every_rank(ranks.rpc, b"", "v", "new"))
+    assert ranks.active == ["new"] * 3
+    ranks = _Ranks(3, failing=2)
+    with pytest.raises(RuntimeError, match="rank 2: out of memory"):
+        asyncio.run(swap_every_rank(ranks.rpc, b"", "v", "new"))
+    assert ranks.active == ["old"] * 3 and ranks.staged == [None] * 3  # the old vectors everywhere, nothing pending

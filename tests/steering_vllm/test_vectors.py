@@ -53,6 +53,9 @@ def test_zeros_scale_select_and_norms():
         vectors.select_layers([3])
     with pytest.raises(SteeringVectorsError, match="finite"):
         vectors.scale(math.inf)
+    big = SteeringVectors.from_tensor(torch.tensor([[0.0, 1.0], [0.0, 0.0], [10.0, 0.0]]))
+    with pytest.raises(SteeringVectorsError, match=r"scale -1e\+38 overflows float32 on layers \[2\]"):
+        big.scale(-1e38)  # finite, but 10 x 1e38 is not a float32
 
 
 def test_content_hash_depends_on_values_and_shape_only(tmp_path):
