@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse
 
 from steering_vllm.config import check_set_name
 from steering_vllm.families import is_steered
+from steering_vllm.frontend import PINNED_CHOICE
 from steering_vllm.hot_swap import (
     NO_SETS_MESSAGE,
     remove_steering,
@@ -43,7 +44,7 @@ from steering_vllm.hot_swap import (
     update_steering_async,
 )
 from steering_vllm.scale_out import front_end_count, serves_one_rank_of_many
-from steering_vllm.sets import CHOICE_KEY
+from steering_vllm.sets import CHOICE_KEY, parse_choice
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
 
 ROUTE = "/v1/steering"
@@ -279,9 +280,11 @@ class SetAsModelMiddleware:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        pin: dict = {}
         try:
             rewritten, xargs = _with_set_from_model(body, sets, control.base_model_name)
-            configuration = sets.resolve(xargs) if xargs is not None else None
+            if xargs is not None:
+                pin = {"choice": parse_choice(xargs), "configuration": sets.resolve(xargs)}
         except HTTPProblem as e:
             return await _problem(e)(scope, _replay([], receive), send)
         except ValueError as e:
@@ -289,11 +292,15 @@ class SetAsModelMiddleware:
         if rewritten is not body:
             headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
             scope = {**scope, "headers": [*headers, (b"content-length", str(len(rewritten)).encode())]}
-        if configuration is not None:
-            send = _with_header(send, (HASH_HEADER.encode(), configuration.content_hash.encode()))
-        return await self.app(
-            scope, _replay([{"type": "http.request", "body": rewritten, "more_body": False}], receive), send
-        )
+        token = PINNED_CHOICE.set(pin)  # every prompt of this request is served the configuration resolved here
+        try:
+            return await self.app(
+                scope,
+                _replay([{"type": "http.request", "body": rewritten, "more_body": False}], receive),
+                _with_pinned_hash(send, pin),
+            )
+        finally:
+            PINNED_CHOICE.reset(token)
 
 
 def _with_set_from_model(body: bytes, sets, base_name: str) -> tuple[bytes, dict | None]:
@@ -314,6 +321,18 @@ def _with_set_from_model(body: bytes, sets, base_name: str) -> tuple[bytes, dict
         raise HTTPProblem(400, f"model names steering set {name!r} but vllm_xargs.steering is {xargs[CHOICE_KEY]!r}")
     xargs[CHOICE_KEY] = name
     return json.dumps({**request, "model": base_name, "vllm_xargs": xargs}).encode(), xargs
+
+
+def _with_pinned_hash(send, pin: dict):
+    """``send`` adding x-steering-hash: the configuration the request's prompts were pinned to, if any."""
+
+    async def send_with_hash(message):
+        if message["type"] == "http.response.start" and "configuration" in pin:
+            header = (HASH_HEADER.encode(), pin["configuration"].content_hash.encode())
+            message = {**message, "headers": [*message.get("headers", []), header]}
+        await send(message)
+
+    return send_with_hash
 
 
 def _with_header(send, header: tuple[bytes, bytes]):

@@ -24,13 +24,40 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import OrderedDict
+from contextvars import ContextVar
 
 from vllm.exceptions import VLLMValidationError
 
 from steering_vllm.config import per_request_options, steering_options
 from steering_vllm.engine_guard import START_WITH_SETS, STEERING_KEYS
-from steering_vllm.sets import CONFIG_KEY, Configuration, SteeringRowsExhausted, SteeringSets, salted
+from steering_vllm.sets import (
+    CONFIG_KEY,
+    Configuration,
+    SteeringRowsExhausted,
+    SteeringSets,
+    parse_choice,
+    salted,
+)
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+
+# An HTTP request's steering choice, resolved once on arrival (``endpoint.SetAsModelMiddleware``) and used for
+# each of its prompts: a set replaced while the request is being processed cannot give its prompts other
+# vectors than its x-steering-hash header names. A mutable holder, so the tasks vLLM spawns per prompt (which
+# copy the context) see the same one.
+PINNED_CHOICE: ContextVar[dict | None] = ContextVar("steering_pinned_choice", default=None)
+
+
+def resolve_pinned(sets: SteeringSets, extra_args: dict | None) -> Configuration:
+    """``sets.resolve(extra_args)``, or the configuration this HTTP request's choice was pinned to."""
+    pin = PINNED_CHOICE.get()
+    if pin is None:
+        return sets.resolve(extra_args)
+    choice = parse_choice(extra_args)
+    if "configuration" not in pin:
+        pin["choice"], pin["configuration"] = choice, sets.resolve(extra_args)
+    elif pin["choice"] != choice:
+        return sets.resolve(extra_args)
+    return pin["configuration"]
 
 
 class SteeringChoiceError(VLLMValidationError, ValueError):
@@ -144,7 +171,7 @@ class SteeringFrontEnd:
         if params is None:  # pooling requests are not steered per request
             return request
         try:
-            configuration = self.sets.resolve(params.extra_args)
+            configuration = resolve_pinned(self.sets, params.extra_args)
         except ValueError as e:
             raise SteeringChoiceError(str(e)) from None
         if not self.is_async and not self.sets.can_admit(configuration):

@@ -169,7 +169,7 @@ class SteeringVectors:
         if not math.isfinite(factor):
             raise SteeringVectorsError(f"{self.source}: scale must be finite, got {factor}")
         vectors = {layer: vector * factor for layer, vector in self.vectors.items()}
-        overflowed = [layer for layer, vector in vectors.items() if not bool(torch.isfinite(vector).all())]
+        overflowed = [layer for layer, vector in vectors.items() if _overflows(vector)]
         if overflowed:
             raise SteeringVectorsError(f"{self.source}: scale {factor:g} overflows float32 on layers {overflowed}")
         return SteeringVectors(vectors, self.num_layers, self.hidden_size, self.model, self.source)
@@ -260,7 +260,17 @@ def _checked_vector(vector, layer: int, num_layers: int, hidden_size: int, sourc
     if not bool(torch.isfinite(vector).all()):
         bad = "NaN" if bool(torch.isnan(vector).any()) else "Inf"
         raise SteeringVectorsError(f"{source}: tensor {name!r} contains {bad} values")
+    if _overflows(vector):
+        raise SteeringVectorsError(
+            f"{source}: tensor {name!r} is too large (largest |value| {float(vector.abs().max()):.3g}): its squared "
+            "norm overflows float32, and so would the variance of the norm it is added before"
+        )
     return vector.clone()
+
+
+def _overflows(vector: torch.Tensor) -> bool:
+    """Whether ``vector`` (float32) or the sum of its squares is not finite in float32."""
+    return not bool(torch.isfinite(vector.square().sum()))
 
 
 def _int_metadata(metadata: dict[str, str], key: str, source: str) -> int:

@@ -72,9 +72,11 @@ def test_bad_choices_are_refused_with_a_message_naming_the_problem(sets, extra_a
 
 
 def test_a_sum_that_overflows_float32_is_refused(sets):
-    sets.put("big", SteeringVectors.from_tensor(torch.full((L, D), 3e38)))
-    with pytest.raises(ValueError, match="overflows"):
-        sets.resolve({"steering": ["big", "big"]})
+    sets.put("large", SteeringVectors.from_tensor(torch.full((L, D), 5e18)))  # D x (5e18)^2 = 2e38: still finite
+    with pytest.raises(ValueError, match="overflows float32"):  # 5e18 x 1e30 is not a float32
+        sets.resolve({"steering": "large", "steering_scale": 1e30})
+    with pytest.raises(ValueError, match="too large"):  # the sum's squares overflow: the norm's variance would too
+        sets.resolve({"steering": ["large", "large"]})
 
 
 def test_replacing_or_removing_a_set_changes_what_new_choices_resolve_to(sets):

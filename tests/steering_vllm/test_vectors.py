@@ -53,9 +53,13 @@ def test_zeros_scale_select_and_norms():
         vectors.select_layers([3])
     with pytest.raises(SteeringVectorsError, match="finite"):
         vectors.scale(math.inf)
-    big = SteeringVectors.from_tensor(torch.tensor([[0.0, 1.0], [0.0, 0.0], [10.0, 0.0]]))
+    big = SteeringVectors.from_tensor(torch.tensor([[0.0, 1e-30], [0.0, 0.0], [10.0, 0.0]]))
     with pytest.raises(SteeringVectorsError, match=r"scale -1e\+38 overflows float32 on layers \[2\]"):
         big.scale(-1e38)  # finite, but 10 x 1e38 is not a float32
+    with pytest.raises(SteeringVectorsError, match=r"scale 1e\+19 overflows float32 on layers \[2\]"):
+        big.scale(1e19)  # 1e20 is a float32, its square is not: the norm's variance would overflow
+    with pytest.raises(SteeringVectorsError, match="'layers.1' is too large .* squared norm overflows float32"):
+        SteeringVectors.from_tensor(torch.tensor([[0.0, 0.0], [3e19, 1.0]]))
 
 
 def test_content_hash_depends_on_values_and_shape_only(tmp_path):
