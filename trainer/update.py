@@ -27,23 +27,31 @@ class LossOptions:
 
 
 def learn(trainable, optimizer, scheduler, sequences, advantage, keep, options: LossOptions, pad_id: int) -> dict:
-    """``sequences``: (prompt ids, Sample) pairs; ``advantage`` and ``keep`` (0/1: counts in the loss) per pair."""
+    """``sequences``: (prompt ids, Sample) pairs; ``advantage`` and ``keep`` (0/1: counts in the loss) per pair.
+
+    Sequences whose loss has no gradient (advantage 0, as in a group whose samples all scored the same, or
+    masked out; with no KL term) get a forward without autograd, for the engine-learner canary, and no backward.
+    """
     device = trainable.learner.steering.device
-    chunks = [range(i, min(i + options.micro_batch_size, len(sequences)))
-              for i in range(0, len(sequences), options.micro_batch_size)]  # fmt: skip
+    passive = gradient_free(advantage, keep, options)
+    chunks = micro_batches([i for i in range(len(sequences)) if not passive[i]], options.micro_batch_size)
+    backward_chunks = len(chunks)
+    chunks += micro_batches([i for i in range(len(sequences)) if passive[i]], options.micro_batch_size)
     batches = [pad([sequences[i] for i in chunk], pad_id, device) for chunk in chunks]
-    masks = [b["mask"] * keep[list(chunk)].to(device)[:, None] for b, chunk in zip(batches, chunks, strict=True)]
+    masks = [b["mask"] * keep[chunk].to(device)[:, None] for b, chunk in zip(batches, chunks, strict=True)]
     denominator = _global(loss_denominators(masks, options.normalization, options.constant), masks, options, device)
     loss_total, gap_sum, gap_tokens, kl_sum, clipped = 0.0, 0.0, 0.0, 0.0, 0.0
-    for batch, mask, chunk in zip(batches, masks, chunks, strict=True):
+    for number, (batch, mask, chunk) in enumerate(zip(batches, masks, chunks, strict=True)):
         ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch["positions"]
-        logprobs = trainable.learner.token_logprobs(ids, attention, options.temperature).gather(1, positions)
-        reference = None
-        if options.kl_coef > 0:
-            reference = trainable.reference_logprobs(ids, attention, options.temperature).gather(1, positions)
-        loss = policy_loss(logprobs, batch["engine_logprobs"], mask, advantage[list(chunk)].to(device), denominator,
-                           options.tis_cap, reference, options.kl_coef)  # fmt: skip
-        loss.backward()
+        with torch.set_grad_enabled(number < backward_chunks):
+            logprobs = trainable.learner.token_logprobs(ids, attention, options.temperature).gather(1, positions)
+            reference = None
+            if options.kl_coef > 0:
+                reference = trainable.reference_logprobs(ids, attention, options.temperature).gather(1, positions)
+            loss = policy_loss(logprobs, batch["engine_logprobs"], mask, advantage[chunk].to(device), denominator,
+                               options.tis_cap, reference, options.kl_coef)  # fmt: skip
+        if number < backward_chunks:
+            loss.backward()
         loss_total += float(loss.detach())
         tokens, log_ratio = batch["mask"], logprobs.detach() - batch["engine_logprobs"]
         gap_sum += float((log_ratio.abs() * tokens).sum())
@@ -53,6 +61,9 @@ def learn(trainable, optimizer, scheduler, sequences, advantage, keep, options: 
         if options.tis_cap is not None:
             clipped += float(((log_ratio.exp() > options.tis_cap) * tokens).sum())
     parameters = trainable.parameters()
+    for parameter in parameters:
+        if parameter.grad is None:  # no backward ran (every sequence gradient-free): a zero gradient, as it is,
+            parameter.grad = torch.zeros_like(parameter)  # so the optimizer still steps (Adam's momentum moves)
     _all_reduce_gradients(parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm)
     optimizer.step()
@@ -61,6 +72,18 @@ def learn(trainable, optimizer, scheduler, sequences, advantage, keep, options: 
     # token sums over every completion token (masked-out ones included), summed over ranks by the caller
     return {"loss": _sum(loss_total, device), "grad_norm": float(grad_norm), "gap_sum": gap_sum,
             "gap_tokens": gap_tokens, "kl_sum": kl_sum, "clipped_tokens": clipped}  # fmt: skip
+
+
+def gradient_free(advantage: torch.Tensor, keep: torch.Tensor, options: LossOptions) -> list[bool]:
+    """Per sequence: whether its loss term is exactly zero whatever the weights (-A * log p * mask with A = 0 or
+    mask 0, times an importance weight). A KL term gives every sequence a gradient."""
+    if options.kl_coef > 0:
+        return [False] * len(advantage)
+    return ((advantage == 0) | (keep == 0)).tolist()
+
+
+def micro_batches(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
 def pad(sequences, pad_id: int, device) -> dict:
@@ -106,8 +129,6 @@ def _all_reduce_gradients(parameters) -> None:
     if not distributed():
         return
     for parameter in parameters:
-        if parameter.grad is None:  # a rank whose samples all were masked out
-            parameter.grad = torch.zeros_like(parameter)
         dist.all_reduce(parameter.grad)
 
 

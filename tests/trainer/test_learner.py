@@ -2,25 +2,11 @@
 
 import pytest
 import torch
+from hooked_reference import check_against_hooks, hooked_logprobs
 from tiny_models import FAMILIES
 from transformers import AutoModelForCausalLM
 
 from trainer.learner import SteeredLearner
-
-
-def _hooked_logprobs(model, table, ids, mask, temperature=1.0):
-    """The method's definition: s_l added to decoder layer l's output (forward hooks), plain HF forward; the
-    logprobs of log softmax(logits / temperature)."""
-    handles = [
-        block.register_forward_hook(lambda module, args, out, v=table[layer]: out + v)
-        for layer, block in enumerate(model.model.layers)
-    ]
-    try:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    finally:
-        for handle in handles:
-            handle.remove()
-    return (logits / temperature).log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -32,7 +18,7 @@ def test_logprobs_and_gradient_match_the_hooked_hf_model(tiny_model_dirs, family
     model = AutoModelForCausalLM.from_pretrained(
         str(tiny_model_dirs[family]), dtype=torch.float64, attn_implementation="eager", **options
     )
-    _check_against_hooks(model.eval(), checkpointing)
+    check_against_hooks(model.eval(), checkpointing)
 
 
 def test_gemma2_learner_applies_the_attention_soft_cap_that_sdpa_drops(tiny_model_dirs):
@@ -47,8 +33,8 @@ def test_gemma2_learner_applies_the_attention_soft_cap_that_sdpa_drops(tiny_mode
     ids = torch.randint(1, model.config.vocab_size, (2, 24))
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        expected = _hooked_logprobs(reference.eval(), torch.zeros(4, model.config.hidden_size), ids, mask)
-        uncapped = _hooked_logprobs(
+        expected = hooked_logprobs(reference.eval(), torch.zeros(4, model.config.hidden_size), ids, mask)
+        uncapped = hooked_logprobs(
             AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64, attn_implementation="sdpa").eval(),
             torch.zeros(4, model.config.hidden_size),
             ids,
@@ -66,33 +52,7 @@ def test_sliding_window_layers_get_their_own_mask(tiny_model_dirs):
                             ("qwen3", {"sliding_window": 6, "layer_types": alternating})]:  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs[family]), dtype=torch.float64, **options)
         assert "sliding_attention" in (getattr(model.config, "layer_types", None) or ["sliding_attention"])
-        _check_against_hooks(model.eval(), checkpointing=False)
-
-
-def _check_against_hooks(model, checkpointing):
-    config = model.config
-    table = torch.randn(config.num_hidden_layers, config.hidden_size, dtype=torch.float64) * 0.3
-    ids = torch.randint(1, config.vocab_size, (3, 20))
-    mask = torch.ones_like(ids)
-    mask[1, 15:] = 0  # right padding
-    mask[2, 9:] = 0
-
-    reference_table = table.clone().requires_grad_(True)
-    reference = _hooked_logprobs(model, reference_table, ids, mask)
-    valid = mask[:, 1:].bool()
-    (reference * valid).sum().backward()
-
-    learner = SteeredLearner(model, table.float(), gradient_checkpointing=checkpointing)
-    learner.steering.data = table.clone()  # float64 throughout for the comparison
-    ours = learner.token_logprobs(ids, mask)
-    (ours * valid).sum().backward()
-
-    # HF's RMSNorm computes in float32 even in a float64 model: differences of ~1e-7 are its rounding; a
-    # vector in the wrong place or a broken gradient is off by orders of magnitude more.
-    assert torch.allclose(ours[valid], reference[valid], atol=1e-6, rtol=0)
-    assert torch.allclose(learner.steering.grad, reference_table.grad, atol=1e-6, rtol=1e-5)
-    assert reference_table.grad.abs().max() > 0.1
-    assert not any(p.requires_grad for p in model.parameters())
+        check_against_hooks(model.eval(), checkpointing=False)
 
 
 def test_wrong_shape_is_refused(tiny_model_dirs):
@@ -110,7 +70,7 @@ def test_logprobs_at_a_sampling_temperature_are_those_of_the_tempered_distributi
     ids = torch.randint(1, config.vocab_size, (2, 16))
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        reference = _hooked_logprobs(model, table, ids, mask, temperature)
+        reference = hooked_logprobs(model, table, ids, mask, temperature)
     learner = SteeredLearner(model, table.float())
     learner.steering.data = table.clone()
     with torch.no_grad():
