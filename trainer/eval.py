@@ -8,6 +8,10 @@ by the trainer's reward code (``trainer.rewards``: Math-Verify on the last ``\\b
 truncated generation scores 0 rather than failing. Each run adds (or replaces) its row, named ``--label``, in
 ``OUTPUT/results.json`` and rewrites ``OUTPUT/results.md``: rows are setups, columns benchmarks and their
 average, as in the paper's tables.
+
+``--vectors a.safetensors,b=run2/step_200.gguf --include-base`` evaluates several setups in one engine start:
+each vector file is a per-request steering set (the base model, the unsteered choice), every setup's samples of
+a seed go into one batch with the same per-sample seeds, and each setup gets its own row.
 """
 
 from __future__ import annotations
@@ -76,11 +80,12 @@ def resolve_benchmark(spec: str, args) -> tuple[str, Benchmark]:
 # ---- generation, possibly over several engines ---------------------------------------------------------
 
 
-def generate(args, prompts: list[list[int]], k: int, seed_prefix: str, pool=None) -> list[list[dict]]:
-    """k samples per prompt, as {'text', 'truncated', 'tokens'}; sharded over ``pool``'s engines if given."""
+def generate(args, prompts: list[list[int]], k: int, seeds: list[str], choices: list, pool=None) -> list[list[dict]]:
+    """k samples per prompt, as {'text', 'truncated', 'tokens'}; prompt i with seed ``seeds[i]`` and steering
+    choice ``choices[i]`` (a per-request set's extra_args, or None); sharded over ``pool``'s engines if given."""
     shards = [list(range(i, len(prompts), args.engines)) for i in range(args.engines)]
-    jobs = [(_engine_settings(args), [prompts[i] for i in shard], k, [f"{seed_prefix}:{i}" for i in shard])
-            for shard in shards]  # fmt: skip
+    jobs = [(_engine_settings(args), [prompts[i] for i in shard], k, [seeds[i] for i in shard],
+             [choices[i] for i in shard]) for shard in shards]  # fmt: skip
     results = list(pool.map(_generate_shard, *zip(*jobs, strict=True))) if pool else [_generate_shard(*jobs[0])]
     merged: list = [None] * len(prompts)
     for shard, result in zip(shards, results, strict=True):
@@ -112,8 +117,11 @@ _ENGINE = None
 
 def _engine_settings(args) -> dict:
     engine = dict(yaml.safe_load(args.engine) or {}) if args.engine else {}
-    if args.vectors:
-        engine["additional_config"] = {"steering_vectors": str(Path(args.vectors).resolve())}
+    vectors = {label: path for label, path in args.setups if path is not None}
+    if len(args.setups) > 1:  # one engine serves every setup: each a per-request set, the base model "none"
+        engine["additional_config"] = {"steering_sets": vectors, "max_steering_configs": max(1, len(vectors))}
+    elif vectors:
+        engine["additional_config"] = {"steering_vectors": next(iter(vectors.values()))}
     return {"model": args.model, "dtype": args.dtype, "engine": engine, "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "top_p": args.top_p}  # fmt: skip
 
@@ -125,7 +133,7 @@ def _shutdown_engine() -> None:
         _ENGINE = None
 
 
-def _generate_shard(settings: dict, prompts, k: int, seeds: list[str]) -> list[list[dict]]:
+def _generate_shard(settings: dict, prompts, k: int, seeds: list[str], choices: list) -> list[list[dict]]:
     """One engine's share; the engine is started once per process and reused across benchmarks and seeds."""
     global _ENGINE
     if _ENGINE is None:
@@ -138,14 +146,16 @@ def _generate_shard(settings: dict, prompts, k: int, seeds: list[str]) -> list[l
         _ENGINE = RolloutEngine(settings["model"], settings["dtype"], 0, stop_token_ids(tokenizer, settings["model"]),
                                 settings["engine"])  # fmt: skip
     groups = _ENGINE.generate(prompts, k, settings["temperature"], settings["top_p"], settings["max_new_tokens"],
-                              seeds)  # fmt: skip
+                              seeds, extra_args=choices)  # fmt: skip
     return [[{"text": s.text, "truncated": s.truncated, "tokens": len(s.token_ids)} for s in g] for g in groups]
 
 
 # ---- one benchmark, the table --------------------------------------------------------------------------
 
 
-def evaluate_benchmark(args, name: str, benchmark: Benchmark, prompt, rewards, bar, pool=None) -> dict:
+def evaluate_benchmark(args, name: str, benchmark: Benchmark, prompt, rewards, bar, pool=None) -> dict[str, dict]:
+    """{setup label: this benchmark's result}. Every setup's samples of a seed go into one ``generate`` call,
+    with the same per-sample seeds (so setups differ by their vectors alone)."""
     examples: list[Example] = load_examples(benchmark.source, benchmark.question_field, benchmark.answer_field,
                                             benchmark.split)  # fmt: skip
     examples = examples[: args.limit] if args.limit else examples
@@ -153,20 +163,71 @@ def evaluate_benchmark(args, name: str, benchmark: Benchmark, prompt, rewards, b
     k = 1 if greedy else (args.k or benchmark.k)
     seeds = [0] if greedy else list(range(args.seeds))
     prompts = [prompt(e.question) for e in examples]
-    scores, per_seed = [], []
+    choices = _choices(args.setups)
+    scores: dict[str, list[float]] = {label: [] for label, _ in args.setups}
+    per_seed: dict[str, list[dict]] = {label: [] for label, _ in args.setups}
     for seed in seeds:
-        samples = generate(args, prompts, k, f"{args.seed_base}:{name}:{seed}", pool)
-        flat = [s for group in samples for s in group]
-        results = rewards.score([s["text"] for s in flat], [e.answer for e in examples for _ in range(k)])
-        correct = [[r.status == "correct" for r in results[i * k : (i + 1) * k]] for i in range(len(examples))]
-        scores.append(avg_at_k(correct))
-        per_seed.append({"seed": seed, "score": scores[-1], "truncated": sum(s["truncated"] for s in flat),
-                         "statuses": dict(sorted(Counter(r.status for r in results).items())),
-                         "samples": _samples(examples, samples, correct) if args.save_samples else None})  # fmt: skip
+        seed_names = [f"{args.seed_base}:{name}:{seed}:{i}" for i in range(len(prompts))]
+        everything = generate(args, prompts * len(choices), k, seed_names * len(choices),
+                              [c for c in choices for _ in prompts], pool)  # fmt: skip
+        for number, (label, _) in enumerate(args.setups):
+            samples = everything[number * len(prompts) : (number + 1) * len(prompts)]
+            scores[label].append(_score(args, examples, samples, k, seed, rewards, per_seed[label]))
         bar.update(1)
-    mean, std = mean_std(scores)
-    return {"benchmark": name, "metric": "pass@1" if k == 1 else f"avg@{k}", "k": k, "problems": len(examples),
-            "mean": mean, "std": std, "seeds": per_seed}  # fmt: skip
+    rows = {}
+    for label, _ in args.setups:
+        mean, std = mean_std(scores[label])
+        rows[label] = {"benchmark": name, "metric": "pass@1" if k == 1 else f"avg@{k}", "k": k,
+                       "problems": len(examples), "mean": mean, "std": std, "seeds": per_seed[label]}  # fmt: skip
+    return rows
+
+
+def _score(args, examples, samples, k: int, seed: int, rewards, per_seed: list[dict]) -> float:
+    """avg@k of one setup's samples of one seed; appends that seed's record to ``per_seed``."""
+    flat = [s for group in samples for s in group]
+    results = rewards.score([s["text"] for s in flat], [e.answer for e in examples for _ in range(k)])
+    correct = [[r.status == "correct" for r in results[i * k : (i + 1) * k]] for i in range(len(examples))]
+    score = avg_at_k(correct)
+    per_seed.append({"seed": seed, "score": score, "truncated": sum(s["truncated"] for s in flat),
+                     "statuses": dict(sorted(Counter(r.status for r in results).items())),
+                     "samples": _samples(examples, samples, correct) if args.save_samples else None})  # fmt: skip
+    return score
+
+
+def _choices(setups) -> list[dict | None]:
+    """Each setup's steering choice: its per-request set (or none, the base model) when one engine serves
+    several setups; None (the engine's own vectors) when it serves one."""
+    if len(setups) == 1:
+        return [None]
+    return [{"steering": label if path is not None else "none"} for label, path in setups]
+
+
+def parse_setups(
+    vectors: str | None, label: str | None, model: str, include_base: bool
+) -> list[tuple[str, str | None]]:
+    """[(label, vectors path or None for the base model)]: ``--vectors`` is one file or a comma-separated list of
+    ``[LABEL=]PATH``; labels default to the file's stem (the model's name for the base)."""
+    from steering_vllm.config import check_set_name
+
+    entries = [entry.strip() for entry in (vectors or "").split(",") if entry.strip()]
+    setups = []
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        name, path = (name, path) if sep else (Path(entry).stem, entry)
+        setups.append((name, str(Path(path).resolve())))
+    if len(setups) == 1 and label:
+        setups = [(label, setups[0][1])]
+    if include_base or not setups:
+        setups.insert(0, ("base" if setups else (label or Path(model).name), None))
+    if len(setups) > 1:
+        labels = [name for name, _ in setups]
+        duplicated = sorted({name for name in labels if labels.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"--vectors: label(s) {duplicated} name more than one setup; give LABEL=PATH")
+        for name, path in setups:
+            if path is not None:
+                check_set_name(name)  # each setup is served as a per-request set of that name
+    return setups
 
 
 def _samples(examples, samples, correct) -> list[dict]:
@@ -205,8 +266,12 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m trainer.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--model", required=True, help="HF name or directory (Qwen2/3, Qwen3-MoE, Llama, Mistral)")
-    parser.add_argument("--vectors", help="steering vectors (any readable format); default: none (the base model)")
-    parser.add_argument("--label", help="the row's name in the table (default: the vectors' or model's name)")
+    parser.add_argument("--vectors", help="steering vectors (any readable format), or a comma-separated list of "
+                        "[LABEL=]PATH evaluated side by side in one engine (per-request sets), a row each; "
+                        "default: none (the base model)")  # fmt: skip
+    parser.add_argument("--include-base", action="store_true",
+                        help="also evaluate the base model (a row named 'base') in the same engine")  # fmt: skip
+    parser.add_argument("--label", help="the row's name for one setup (default: the vectors' or model's name)")
     parser.add_argument("--benchmarks", default="math500", help=f"comma-separated: {','.join(BENCHMARKS)}, "
                         "or NAME=FILE for a local .jsonl/.json/.parquet (default: math500)")  # fmt: skip
     parser.add_argument("--question-field", default="problem", help="for NAME=FILE benchmarks")
@@ -233,6 +298,10 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.engines < 1 or (args.k is not None and args.k < 1):
         parser.error("--seeds, --engines and --k must be >= 1")
+    try:
+        args.setups = parse_setups(args.vectors, args.label, args.model, args.include_base)
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 
@@ -249,23 +318,24 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    label = args.label or (Path(args.vectors).stem if args.vectors else Path(args.model).name)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompt = PromptBuilder(tokenizer, args.prompt_template, args.system_prompt, args.plain_template)
     runs = len(benchmarks) * (1 if args.temperature == 0 else args.seeds)
-    results = []
+    results: dict[str, list[dict]] = {label: [] for label, _ in args.setups}
     pool = engine_pool(args.engines)
     try:
         with RewardPool(args.reward_fn) as rewards, tqdm(total=runs, desc="eval", unit="run") as bar:
             for name, benchmark in benchmarks:
-                results.append(evaluate_benchmark(args, name, benchmark, prompt, rewards, bar, pool))
+                for label, result in evaluate_benchmark(args, name, benchmark, prompt, rewards, bar, pool).items():
+                    results[label].append(result)
     finally:
         if pool is not None:
             pool.shutdown()
         _shutdown_engine()
-    row = {"label": label, "model": args.model, "vectors": args.vectors, "temperature": args.temperature,
-           "benchmarks": results}  # fmt: skip
-    rows = save_row(Path(args.output_dir), row)
+    for label, vectors in args.setups:
+        row = {"label": label, "model": args.model, "vectors": vectors, "temperature": args.temperature,
+               "benchmarks": results[label]}  # fmt: skip
+        rows = save_row(Path(args.output_dir), row)
     print(markdown_table(rows))
     print(f"results: {Path(args.output_dir) / 'results.json'}, {Path(args.output_dir) / 'results.md'}")
     return 0

@@ -43,10 +43,11 @@ class RolloutEngine:
         max_tokens: int,
         seeds: list[str],
         lora_request=None,
+        extra_args: list[dict | None] | None = None,
     ) -> list[list[Sample]]:
         """``samples`` completions per prompt, each its own request with its own seed (derived from the prompt's
         entry in ``seeds`` and the sample's number), so a resumed run, or one sharded over more ranks, draws
-        the same samples."""
+        the same samples. ``extra_args[i]``: prompt i's ``SamplingParams.extra_args`` (a per-request set)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -63,6 +64,7 @@ class RolloutEngine:
                         seed=_derived_seed(seeds[i], j),
                         logprobs=0 if temperature > 0 else None,
                         stop_token_ids=self.stop_token_ids,
+                        extra_args=extra_args[i] if extra_args is not None else None,
                     )
                 )
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)

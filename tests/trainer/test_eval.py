@@ -87,3 +87,17 @@ def test_scores_match_a_direct_computation_from_the_completions(tiny_model_dirs,
         assert seed["score"] == pytest.approx(direct[-1])
     assert (sampled["mean"], sampled["std"]) == pytest.approx(mean_std(direct))
     assert sampled["seeds"][0]["samples"] != sampled["seeds"][1]["samples"]  # different seeds, different samples
+
+
+def test_setups_from_vectors_labels_and_the_base(tmp_path):
+    from trainer.eval import parse_setups
+
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "run2" / "step_200.gguf")
+    assert parse_setups(None, None, "org/Model-1B", False) == [("Model-1B", None)]
+    assert parse_setups(None, "mine", "m", False) == [("mine", None)]
+    assert parse_setups(a, "steered", "m", False) == [("steered", a)]
+    assert parse_setups(f"{a}, late={b}", None, "m", True) == [("base", None), ("a", a), ("late", b)]
+    with pytest.raises(ValueError, match=r"label\(s\) \['a'\] name more than one setup"):
+        parse_setups(f"{a},{tmp_path / 'x' / 'a.gguf'}", None, "m", False)
+    with pytest.raises(ValueError, match="malformed"):
+        parse_setups(f"a b={a},{b}", None, "m", False)

@@ -32,3 +32,19 @@ def test_eval_with_trained_vectors_scores_what_the_trainer_measured(tmp_path):
     assert abs(score - recorded["eval_accuracy_after_first_200"]) <= 1.5, statuses
     assert score - recorded["eval_accuracy_before_first_200"] > 50  # the vectors are what moved it
     assert statuses.get("no_boxed", 0) < 10  # they teach the model to box its answers
+
+
+def test_the_vectors_and_the_base_in_one_engine_each_score_what_was_measured_alone(tmp_path):
+    """Two setups, one engine start: the trained vectors as a per-request set, the base model as "none"."""
+    recorded = json.loads((TRAINED / "trained.json").read_text())
+    command = [sys.executable, "-m", "trainer.eval", "--model", str(MODEL), "--include-base",
+               "--vectors", f"trained={TRAINED / 'steering_vectors.safetensors'}",
+               "--benchmarks", f"toy={MODEL / 'data' / 'test.jsonl'}", "--temperature", "0", "--max-new-tokens", "64",
+               "--limit", "200", "--output-dir", str(tmp_path),
+               "--engine", "{gpu_memory_utilization: 0.05, max_model_len: 512}"]  # fmt: skip
+    result = subprocess.run(command, env={**os.environ, **ENGINE_ENV}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {row["label"]: row["benchmarks"][0]["mean"] for row in json.loads((tmp_path / "results.json").read_text())}
+    assert sorted(rows) == ["base", "trained"]
+    assert abs(rows["trained"] - recorded["eval_accuracy_after_first_200"]) <= 1.5
+    assert abs(rows["base"] - recorded["eval_accuracy_before_first_200"]) <= 1.5
