@@ -188,7 +188,8 @@ def _score(args, examples, samples, k: int, seed: int, rewards, per_seed: list[d
     results = rewards.score([s["text"] for s in flat], [e.answer for e in examples for _ in range(k)])
     correct = [[r.status == "correct" for r in results[i * k : (i + 1) * k]] for i in range(len(examples))]
     score = avg_at_k(correct)
-    per_seed.append({"seed": seed, "score": score, "truncated": sum(s["truncated"] for s in flat),
+    per_seed.append({"seed": seed, "score": score, "pass_at_k": 100.0 * sum(any(row) for row in correct) / len(correct),
+                     "truncated": sum(s["truncated"] for s in flat),
                      "statuses": dict(sorted(Counter(r.status for r in results).items())),
                      "samples": _samples(examples, samples, correct) if args.save_samples else None})  # fmt: skip
     return score

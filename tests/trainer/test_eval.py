@@ -85,6 +85,7 @@ def test_scores_match_a_direct_computation_from_the_completions(tiny_model_dirs,
         correct = [[first_character(c, p["gold"]) for c in p["completions"]] for p in problems]
         direct.append(100 * sum(sum(row) / 4 for row in correct) / 6)
         assert seed["score"] == pytest.approx(direct[-1])
+        assert seed["pass_at_k"] == pytest.approx(100 * sum(any(row) for row in correct) / 6)
     assert (sampled["mean"], sampled["std"]) == pytest.approx(mean_std(direct))
     assert sampled["seeds"][0]["samples"] != sampled["seeds"][1]["samples"]  # different seeds, different samples
 
