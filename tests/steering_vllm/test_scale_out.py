@@ -6,16 +6,20 @@
   served its own set (HF-hooks reference), a set PUT through HTTP reaches both, more configurations than rows
   wait and are served right;
 - data parallel 2 with its two API servers and global vectors: a steering choice is refused (400) by every
-  front end, a PUT swaps every rank, and every response's x-steering-hash and tokens are the new vectors'.
+  front end, a PUT swaps every rank, and every response's x-steering-hash and tokens are the new vectors';
+  vLLM's own load client runs through both front ends with no failure while the vectors are swapped.
 
 Eager (both engines start in ~40 s instead of compiling twice on two cores); the steered graph is the one the
 compiled single-engine tests run.
 """
 
+import json
 import os
 import re
 import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import requests
@@ -218,3 +222,35 @@ def test_several_front_ends_a_put_swaps_every_engine_and_every_front_end_says_so
         assert all(s.status_code == 200 and s.json()["content_hash"] == B.content_hash() for s in statuses)
     finally:
         requests.put(f"{url}/v1/steering", data=A.to_bytes(), timeout=60)
+
+
+def test_vllm_bench_serve_through_two_front_ends_while_the_vectors_are_swapped_has_no_failure(
+    dp_global_server, tiny_model_dirs, tmp_path
+):
+    """vLLM's own load client against both API servers (per-request sets are refused in this mode; the global
+    vectors are swapped through whichever server the PUT reaches)."""
+    model_dir = str(tiny_model_dirs["qwen2"])
+    url, stop, puts = dp_global_server, threading.Event(), []
+
+    def swap():
+        while not stop.is_set() and len(puts) < 100:
+            vectors = (A, B)[len(puts) % 2]
+            puts.append(requests.put(f"{url}/v1/steering", data=vectors.to_bytes(), timeout=60).status_code)
+            time.sleep(0.3)
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    command = [sys.executable, "-m", "steering_vllm", "bench", "serve", "--base-url", url, "--model", model_dir]
+    command += ["--tokenizer", model_dir, "--dataset-name", "random", "--random-input-len", "24"]
+    command += ["--random-output-len", "6", "--num-prompts", "32", "--max-concurrency", "8", "--ignore-eos"]
+    command += ["--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **ENGINE_ENV})
+    finally:
+        stop.set()
+        swapper.join(120)
+        requests.put(f"{url}/v1/steering", data=A.to_bytes(), timeout=60)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["completed"] == 32 and report.get("failed", 0) == 0, report
+    assert len(puts) >= 2 and set(puts) == {200}
