@@ -14,9 +14,9 @@ from trainer.data import load_examples
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 MAX_TOKENS = 16
-# vLLM fp32 against HF fp32 over 30 layers of real weights: measured <= 4e-5; vectors one layer off move the
-# logprobs by more than 0.1.
-TOLERANCE = 5e-4
+# vLLM fp32 against HF fp32 over 30 layers of real weights: measured <= 1.5e-5; the same vectors one layer off
+# move the logprobs by 0.15 to 0.8.
+TOLERANCE = 1.5e-4
 
 
 def _vectors(seed, num_layers, hidden_size, norm):
@@ -46,7 +46,7 @@ def served(real_fixture, tmp_path_factory):
         additional_config={
             "steering_vectors": str(default.save(directory / "default.safetensors")),
             "steering_sets": {"a": str(a.save(directory / "a.safetensors"))},
-            "max_steering_configs": 2,
+            "max_steering_configs": 3,
         },
     )
     choices = [None, {"steering": "a"}, {"steering": "a", "steering_scale": -0.5}, {"steering": "none"}]

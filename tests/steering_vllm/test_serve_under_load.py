@@ -9,7 +9,7 @@
 - a soak: clients on different sets and scales while sets are added, replaced and removed, every completion
   checked against its own vectors' HF reference, and no table row held once idle.
 
-STEERING_SOAK_SECONDS sets the soak's length (default 45).
+STEERING_SOAK_SECONDS sets the soak's length (default 30 s, at most 1,500 completions a client).
 """
 
 import json
@@ -38,7 +38,7 @@ KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_CONFIGS = 4
 TOLERANCE = 1e-5  # logprobs against the HF reference; measured <= 1e-6 (fp32)
-SOAK_SECONDS = float(os.environ.get("STEERING_SOAK_SECONDS", 45))
+SOAK_SECONDS = float(os.environ.get("STEERING_SOAK_SECONDS", 30))
 
 
 def _vectors(seed, scale=0.3):
@@ -357,7 +357,7 @@ def test_a_soak_of_clients_on_changing_sets_gets_every_completion_right_and_leak
 
     def client(seed):
         rng = random.Random(seed)
-        while time.monotonic() < deadline and len(completions) < 5000:
+        while time.monotonic() < deadline and len(completions) < 6000:
             name, scale, p = rng.choice(names), rng.choice([1.0, 0.5, -1.0]), rng.randrange(len(prompts))
             body = _completion_body(model_dir, prompts[p], {"steering": name, "steering_scale": scale}, max_tokens=4)
             response = requests.post(f"{server}/v1/completions", json=body, headers=AUTH, timeout=300)

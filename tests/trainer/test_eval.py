@@ -102,3 +102,16 @@ def test_setups_from_vectors_labels_and_the_base(tmp_path):
         parse_setups(f"{a},{tmp_path / 'x' / 'a.gguf'}", None, "m", False)
     with pytest.raises(ValueError, match="malformed"):
         parse_setups(f"a b={a},{b}", None, "m", False)
+
+
+def test_one_setup_is_served_with_global_vectors_several_as_per_request_sets(tmp_path):
+    from trainer.eval import _choices, _engine_settings, parse_args
+
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    single = parse_args(["--model", "m", "--vectors", a])
+    assert _engine_settings(single)["engine"]["additional_config"] == {"steering_vectors": a}
+    assert _choices(single.setups) == [None]
+    several = parse_args(["--model", "m", "--vectors", f"{a},{b}", "--include-base"])
+    config = _engine_settings(several)["engine"]["additional_config"]
+    assert config == {"steering_sets": {"a": a, "b": b}, "max_steering_configs": 2}
+    assert _choices(several.setups) == [{"steering": "none"}, {"steering": "a"}, {"steering": "b"}]

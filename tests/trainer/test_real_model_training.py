@@ -1,7 +1,7 @@
 """The trainer and the evaluator on the real model and real files (the real-model fixture): `python -m
-trainer.rloo` on SmolLM2-135M-Instruct with GSM8K's training problems, its chat template and Math-Verify (the
-engine compiled, as by default; fp32), then `python -m trainer.eval` on the held-out GSM8K problems with the
-trained vectors and the base model side by side in one engine."""
+trainer.rloo` on SmolLM2-135M-Instruct with GSM8K's training problems, its chat template and Math-Verify (fp32),
+then `python -m trainer.eval` on held-out GSM8K problems with the trained vectors and the base model side by
+side in one engine."""
 
 import json
 import os
@@ -44,7 +44,9 @@ def trained(real_fixture, tmp_path_factory):
         "learning_rate": 0.01,
         "warmup_steps": 0,
         "save_every": 1,
-        "engine": {"gpu_memory_utilization": 0.05, "max_model_len": 1024},
+        # eager: the canary compares engine and learner, the same either way (the compiled engine on this model
+        # is test_real_model_engine.py's)
+        "engine": {"enforce_eager": True, "gpu_memory_utilization": 0.05, "max_model_len": 1024},
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     _run([sys.executable, "-m", "trainer.rloo", "--config", str(root / "config.yaml")])
@@ -65,7 +67,7 @@ def test_eval_scores_the_trained_vectors_and_the_base_on_held_out_gsm8k_in_one_e
                "--benchmarks", f"gsm8k={real_fixture['gsm8k_heldout']}", "--question-field", "question",
                "--answer-field", "answer", "--temperature", "0", "--max-new-tokens", "24", "--limit", "4",
                "--dtype", "float32", "--output-dir", str(tmp_path),
-               "--engine", "{gpu_memory_utilization: 0.05, max_model_len: 1024}"]  # fmt: skip
+               "--engine", "{enforce_eager: true, gpu_memory_utilization: 0.05, max_model_len: 1024}"]  # fmt: skip
     _run(command)
     rows = {row["label"]: row["benchmarks"][0] for row in json.loads((tmp_path / "results.json").read_text())}
     assert sorted(rows) == ["base", "trained"]
