@@ -1,4 +1,7 @@
-"""Running ``python -m steering_vllm serve`` (vLLM's own OpenAI server) in a subprocess for tests."""
+"""Running ``python -m steering_vllm serve`` (vLLM's own OpenAI server) in a subprocess for tests.
+
+A server has one API server and one engine unless its flags ask for more (test_scale_out.py starts several API
+servers and data-parallel engines); tests that read one front end's state rely on that."""
 
 from __future__ import annotations
 
