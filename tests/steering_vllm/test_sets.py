@@ -152,3 +152,18 @@ def test_parse_choice_normalises_one_name_and_lists():
     assert parse_choice({"steering": "a"}) == (("a", 1.0),)
     assert parse_choice({"steering": ["a", "b"], "steering_scale": [2, -1]}) == (("a", 2.0), ("b", -1.0))
     assert parse_choice({"steering": "none"}) == ()
+
+
+def test_an_http_requests_choice_is_pinned_for_all_its_prompts_while_its_set_is_replaced(sets):
+    from steering_vllm.frontend import PINNED_CHOICE, resolve_pinned
+
+    assert resolve_pinned(sets, {"steering": "a"}).content_hash == A.content_hash()  # no pin: plain resolution
+    token = PINNED_CHOICE.set({})
+    try:
+        first = resolve_pinned(sets, {"steering": "a"})  # the first prompt pins the choice
+        sets.put("a", B)  # replaced while the request's other prompts are being processed
+        assert resolve_pinned(sets, {"steering": "a", "other": 1}) is first  # the same choice: the pinned vectors
+        assert resolve_pinned(sets, {"steering": "b"}).content_hash == B.content_hash()  # another choice: its own
+    finally:
+        PINNED_CHOICE.reset(token)
+    assert resolve_pinned(sets, {"steering": "a"}).content_hash == B.content_hash()  # a new request: the new "a"
