@@ -54,8 +54,8 @@ def check_serving_mode(vllm_config) -> None:
             "would keep its own sets and row budget. Start with --api-server-count 1; one API server feeds "
             "every data-parallel rank."
         )
-    if getattr(parallel, "data_parallel_external_lb", False) or getattr(parallel, "data_parallel_hybrid_lb", False):
-        flag = "--data-parallel-external-lb" if parallel.data_parallel_external_lb else "--data-parallel-hybrid-lb"
+    flag = _per_rank_balancing(parallel)
+    if flag is not None:
         raise SteeringVectorsError(
             f"{PER_REQUEST_FLAGS} are not served with {flag} (or --data-parallel-rank / --data-parallel-start-rank): "
             "each rank's server would keep its own sets. Use internal load balancing: --data-parallel-size N "
@@ -72,7 +72,13 @@ def check_serving_mode(vllm_config) -> None:
 def serves_one_rank_of_many(parallel_config) -> bool:
     """True for a server that is one of several externally balanced data-parallel ranks: a swap through it
     would reach its own rank only."""
-    return parallel_config.data_parallel_size > 1 and bool(
-        getattr(parallel_config, "data_parallel_external_lb", False)
-        or getattr(parallel_config, "data_parallel_hybrid_lb", False)
-    )
+    return parallel_config.data_parallel_size > 1 and _per_rank_balancing(parallel_config) is not None
+
+
+def _per_rank_balancing(parallel_config) -> str | None:
+    """The flag of a load-balancing mode that gives each data-parallel rank (or node) a server of its own."""
+    if getattr(parallel_config, "data_parallel_external_lb", False):
+        return "--data-parallel-external-lb"
+    if getattr(parallel_config, "data_parallel_hybrid_lb", False):
+        return "--data-parallel-hybrid-lb"
+    return None

@@ -94,7 +94,7 @@ def build_model(cache: Path) -> Path:
     return target
 
 
-def build_data(cache: Path) -> dict[str, str]:
+def build_data(cache: Path) -> dict[str, str | list[str]]:
     """GSM8K held-out and training files in ``cache``, and the AIME 2025 files' location."""
     data = package_dir(DATA_PACKAGE)
     test = data / GSM8K_TEST
@@ -108,7 +108,7 @@ def build_data(cache: Path) -> dict[str, str]:
             {"question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows) if (i in heldout) == keep
         ]
         files[key].write_text("".join(json.dumps(row) + "\n" for row in chosen))
-    paths = {key: str(path) for key, path in files.items()}
+    paths: dict[str, str | list[str]] = {key: str(path) for key, path in files.items()}
     paths["gsm8k_test"] = str(test)
     for name in AIME_FILES:
         if not (data / name).is_file():

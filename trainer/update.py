@@ -43,14 +43,15 @@ def learn(trainable, optimizer, scheduler, sequences, advantage, keep, options: 
     loss_total, gap_sum, gap_tokens, kl_sum, clipped = 0.0, 0.0, 0.0, 0.0, 0.0
     for number, (batch, mask, chunk) in enumerate(zip(batches, masks, chunks, strict=True)):
         ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch["positions"]
-        with torch.set_grad_enabled(number < backward_chunks):
+        backward = number < backward_chunks
+        with torch.set_grad_enabled(backward):
             logprobs = trainable.learner.token_logprobs(ids, attention, options.temperature).gather(1, positions)
             reference = None
             if options.kl_coef > 0:
                 reference = trainable.reference_logprobs(ids, attention, options.temperature).gather(1, positions)
             loss = policy_loss(logprobs, batch["engine_logprobs"], mask, advantage[chunk].to(device), denominator,
                                options.tis_cap, reference, options.kl_coef)  # fmt: skip
-        if number < backward_chunks:
+        if backward:
             loss.backward()
         loss_total += float(loss.detach())
         tokens, log_ratio = batch["mask"], logprobs.detach() - batch["engine_logprobs"]
