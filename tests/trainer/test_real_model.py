@@ -9,6 +9,7 @@ import pytest
 import torch
 from hooked_reference import check_against_hooks
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from trainer.data import load_examples
 from trainer.real_model import GSM8K_PROBLEMS, HELDOUT_SIZE
@@ -63,11 +64,19 @@ def test_the_fixture_is_a_real_pretrained_model_with_its_chat_template(real_fixt
     assert text.endswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_the_learner_matches_hf_hooks_on_the_real_model_with_tied_embeddings(real_fixture):
+def _rms_norm_in_input_dtype(self, hidden):
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def test_the_learner_matches_hf_hooks_on_the_real_model_with_tied_embeddings(real_fixture, monkeypatch):
+    # HF's RMSNorm rounds to float32 inside a float64 model, and over 30 layers of real weights that rounding moved
+    # the logprobs by up to 8e-6 (measured over six seeds; one CI seed went past 5e-5). Both sides compute their
+    # norms in float64 here, so what is left is summation order: 9e-14 in the logprobs, 3e-14 in the gradient
+    # (measured). The same vectors one layer off move the logprobs by 1.9.
+    monkeypatch.setattr(LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
     model = AutoModelForCausalLM.from_pretrained(
         real_fixture["model"], dtype=torch.float64, attn_implementation="eager"
     )
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    # HF's RMSNorm rounds to float32 inside a float64 model: over 30 layers of real weights that is 5.9e-6 in the
-    # logprobs and 4.1e-6 in the gradient (measured); the same vectors one layer off move the logprobs by 1.9.
-    check_against_hooks(model.eval(), checkpointing=True, atol=5e-5)
+    check_against_hooks(model.eval(), checkpointing=True, atol=1e-12)
