@@ -9,7 +9,7 @@
 - a soak: clients on different sets and scales while sets are added, replaced and removed, every completion
   checked against its own vectors' HF reference, and no table row held once idle.
 
-STEERING_SOAK_SECONDS sets the soak's length (default 30 s, at most 1,500 completions a client).
+STEERING_SOAK_SECONDS sets the soak's length (default 15 s, at most 1,500 completions a client).
 """
 
 import json
@@ -38,7 +38,7 @@ KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_CONFIGS = 4
 TOLERANCE = 1e-5  # logprobs against the HF reference; measured <= 1e-6 (fp32)
-SOAK_SECONDS = float(os.environ.get("STEERING_SOAK_SECONDS", 30))
+SOAK_SECONDS = float(os.environ.get("STEERING_SOAK_SECONDS", 15))
 
 
 def _vectors(seed, scale=0.3):
