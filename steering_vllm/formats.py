@@ -6,6 +6,10 @@
 - the paper code's ``.npy`` of shape [L, d];
 - llama.cpp / repeng GGUF control vectors: ``direction.{n}`` is added to the output of block n (0-based),
   so it is our ``layers.{n}``; llama.cpp has no slot for block 0, so a vector on layer 0 cannot be written.
+
+Readers return a ``RawVectors`` (the layers' tensors as the file holds them, the shape and where they came from)
+and writers take the same plain data; ``SteeringVectors`` (``steering_vllm.vectors``) is the one constructor that
+checks them. This module imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -13,19 +17,38 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+FORMAT = "steering-vectors"
+FORMAT_VERSION = "1"
+SITE = "block_output"
+_TENSOR_NAME = re.compile(r"^layers\.(0|[1-9][0-9]*)$")
 
 _HF_BIAS = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.down_proj\.bias$")
 _GGUF_DIRECTION = re.compile(r"^direction\.(\d+)$")
 GGUF_ARCH = "controlvector"
 
 
-def load_any(path: Path, num_layers: int | None = None) -> SteeringVectors:
+class SteeringVectorsError(ValueError):
+    """A steering-vector file or tensor that cannot be used; the message names the source and the problem."""
+
+
+@dataclass(frozen=True)
+class RawVectors:
+    """What a file holds, before any check of the values: layer index -> tensor, and the table's shape."""
+
+    vectors: dict[int, torch.Tensor]
+    num_layers: int
+    hidden_size: int
+    model: str | None
+    source: str
+
+
+def read(path: Path, num_layers: int | None = None) -> RawVectors:
     if path.is_dir():
         return load_hf_checkpoint(path, num_layers)
     if not path.exists():
@@ -42,17 +65,19 @@ def load_any(path: Path, num_layers: int | None = None) -> SteeringVectors:
     )
 
 
-def save_any(vectors: SteeringVectors, path: Path) -> Path:
+def write(path: Path, vectors: dict[int, torch.Tensor], num_layers: int, hidden_size: int, model: str | None) -> Path:
+    """Write ``.safetensors`` (ours), ``.gguf`` (llama.cpp's) or ``.npy`` (the paper's) by extension, atomically."""
+    raw = RawVectors(vectors, num_layers, hidden_size, model, str(path))
     suffix = path.suffix.lower()
     writers = {".safetensors": _write_safetensors, ".gguf": _write_gguf, ".npy": _write_npy}
     if suffix not in writers:
         raise SteeringVectorsError(f"{path}: cannot write {path.suffix!r}; use .safetensors, .gguf or .npy")
     if suffix == ".gguf":
-        _check_gguf_writable(vectors, path)
+        _check_gguf_writable(raw, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        writers[suffix](vectors, tmp)
+        writers[suffix](raw, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -62,7 +87,7 @@ def save_any(vectors: SteeringVectors, path: Path) -> Path:
 # ---- safetensors: ours or an HF checkpoint file ---------------------------------------------------------------
 
 
-def load_safetensors(path: Path, num_layers: int | None = None) -> SteeringVectors:
+def load_safetensors(path: Path, num_layers: int | None = None) -> RawVectors:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -77,17 +102,96 @@ def load_safetensors(path: Path, num_layers: int | None = None) -> SteeringVecto
         raise SteeringVectorsError(f"{path}: not a readable safetensors file ({e})") from None
     if tensors is None:
         return load_hf_checkpoint(path, num_layers)
-    return SteeringVectors._from_safetensors(tensors, metadata, str(path))
+    return parse_ours(tensors, metadata, str(path))
 
 
-def _write_safetensors(vectors: SteeringVectors, path: Path) -> None:
-    path.write_bytes(vectors.to_bytes())
+def parse_bytes(data: bytes, source: str) -> RawVectors:
+    """Safetensors bytes in our format (e.g. an HTTP request body)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        metadata = _read_header_metadata(data)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+        raise SteeringVectorsError(f"{source}: not a readable safetensors file ({e})") from None
+    return parse_ours(tensors, metadata, source)
+
+
+def parse_ours(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> RawVectors:
+    """Our format's tensors and metadata, their names and metadata checked (DESIGN.md §4)."""
+    fmt = metadata.get("format")
+    if fmt != FORMAT:
+        raise SteeringVectorsError(f"{source}: metadata 'format' is {fmt!r}, expected {FORMAT!r}")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SteeringVectorsError(
+            f"{source}: metadata 'format_version' is {version!r}; this version reads {FORMAT_VERSION!r}"
+        )
+    num_layers = _int_metadata(metadata, "num_layers", source)
+    hidden_size = _int_metadata(metadata, "hidden_size", source)
+    site = metadata.get("site", SITE)
+    if site != SITE:
+        raise SteeringVectorsError(f"{source}: metadata 'site' is {site!r}; only {SITE!r} is supported")
+    vectors = {}
+    for name, tensor in tensors.items():
+        match = _TENSOR_NAME.match(name)
+        if match is None:
+            raise SteeringVectorsError(f"{source}: unknown tensor name {name!r} (expected 'layers.<index>')")
+        vectors[int(match.group(1))] = tensor
+    for layer in vectors:
+        if layer >= num_layers:
+            raise SteeringVectorsError(
+                f"{source}: tensor 'layers.{layer}': layer index out of range for num_layers={num_layers}"
+            )
+    return RawVectors(vectors, num_layers, hidden_size, metadata.get("model"), source)
+
+
+def ours_metadata(num_layers: int, hidden_size: int, model: str | None) -> dict[str, str]:
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hidden_size": str(hidden_size),
+        "num_layers": str(num_layers),
+        "site": SITE,
+    }
+    if model:
+        meta["model"] = model
+    return meta
+
+
+def ours_bytes(raw: RawVectors) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {f"layers.{layer}": vector.contiguous() for layer, vector in sorted(raw.vectors.items())}
+    return save(tensors, metadata=ours_metadata(raw.num_layers, raw.hidden_size, raw.model))
+
+
+def _write_safetensors(raw: RawVectors, path: Path) -> None:
+    path.write_bytes(ours_bytes(raw))
+
+
+def _int_metadata(metadata: dict[str, str], key: str, source: str) -> int:
+    value = metadata.get(key)
+    if value is None:
+        raise SteeringVectorsError(f"{source}: metadata {key!r} is missing")
+    try:
+        return int(value)
+    except ValueError:
+        raise SteeringVectorsError(f"{source}: metadata {key!r} is {value!r}, expected an integer") from None
+
+
+def _read_header_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header (safetensors.torch.load drops it)."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return header.get("__metadata__") or {}
 
 
 # ---- HF checkpoints with down_proj.bias (the paper code's) ------------------------------------------------------
 
 
-def load_hf_checkpoint(path: Path, num_layers: int | None = None) -> SteeringVectors:
+def load_hf_checkpoint(path: Path, num_layers: int | None = None) -> RawVectors:
     """Vectors from ``model.layers.{l}.mlp.down_proj.bias`` in a checkpoint file or directory (all shards)."""
     from safetensors import SafetensorError, safe_open
 
@@ -109,7 +213,7 @@ def load_hf_checkpoint(path: Path, num_layers: int | None = None) -> SteeringVec
         raise SteeringVectorsError(f"{path}: no 'model.layers.<l>.mlp.down_proj.bias' tensors found")
     hidden_size = _common_length(vectors, path)
     num_layers = config.get("num_hidden_layers") or num_layers or max(vectors) + 1
-    return SteeringVectors(vectors, num_layers, hidden_size, model=config.get("_name_or_path"), source=str(path))
+    return RawVectors(vectors, num_layers, hidden_size, config.get("_name_or_path"), str(path))
 
 
 def _read_hf_config(directory: Path) -> dict:
@@ -123,7 +227,7 @@ def _read_hf_config(directory: Path) -> dict:
 # ---- .npy [L, d] (the paper code's) ------------------------------------------------------------------------
 
 
-def load_npy(path: Path) -> SteeringVectors:
+def load_npy(path: Path) -> RawVectors:
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -132,18 +236,23 @@ def load_npy(path: Path) -> SteeringVectors:
         raise SteeringVectorsError(f"{path}: expected an array of shape [num_layers, hidden_size], got {array.shape}")
     if not np.issubdtype(array.dtype, np.floating):
         raise SteeringVectorsError(f"{path}: expected a float array, got dtype {array.dtype}")
-    return SteeringVectors.from_tensor(torch.from_numpy(array.astype(np.float32)), source=str(path))
+    table = torch.from_numpy(array.astype(np.float32))
+    vectors = {layer: row for layer, row in enumerate(table) if bool(row.any())}
+    return RawVectors(vectors, table.shape[0], table.shape[1], None, str(path))
 
 
-def _write_npy(vectors: SteeringVectors, path: Path) -> None:
+def _write_npy(raw: RawVectors, path: Path) -> None:
+    table = np.zeros((raw.num_layers, raw.hidden_size), dtype=np.float32)
+    for layer, vector in raw.vectors.items():
+        table[layer] = vector.numpy()
     with open(path, "wb") as f:
-        np.save(f, vectors.to_tensor().numpy())
+        np.save(f, table)
 
 
 # ---- GGUF control vectors (llama.cpp, repeng) ---------------------------------------------------------------
 
 
-def load_gguf(path: Path, num_layers: int | None = None) -> SteeringVectors:
+def load_gguf(path: Path, num_layers: int | None = None) -> RawVectors:
     import gguf
 
     try:
@@ -165,17 +274,12 @@ def load_gguf(path: Path, num_layers: int | None = None) -> SteeringVectors:
     if not vectors:
         raise SteeringVectorsError(f"{path}: no 'direction.<block>' tensors found")
     hidden_size = _common_length(vectors, path)
-    return SteeringVectors(
-        vectors,
-        num_layers or max(vectors) + 1,
-        hidden_size,
-        model=_gguf_string(reader, f"{GGUF_ARCH}.model_hint") or None,
-        source=str(path),
-    )
+    model = _gguf_string(reader, f"{GGUF_ARCH}.model_hint") or None
+    return RawVectors(vectors, num_layers or max(vectors) + 1, hidden_size, model, str(path))
 
 
-def _check_gguf_writable(vectors: SteeringVectors, path: Path) -> None:
-    layer0 = vectors.vectors.get(0)
+def _check_gguf_writable(raw: RawVectors, path: Path) -> None:
+    layer0 = raw.vectors.get(0)
     if layer0 is not None and bool(layer0.any()):
         raise SteeringVectorsError(
             f"{path}: layer 0 has a non-zero vector, which GGUF control vectors cannot hold (llama.cpp has no "
@@ -183,16 +287,16 @@ def _check_gguf_writable(vectors: SteeringVectors, path: Path) -> None:
         )
 
 
-def _write_gguf(vectors: SteeringVectors, path: Path) -> None:
+def _write_gguf(raw: RawVectors, path: Path) -> None:
     import gguf
 
     writer = gguf.GGUFWriter(path, arch=GGUF_ARCH)
-    writer.add_string(f"{GGUF_ARCH}.model_hint", vectors.model or "")
-    layers = [layer for layer in sorted(vectors.vectors) if layer > 0]
+    writer.add_string(f"{GGUF_ARCH}.model_hint", raw.model or "")
+    layers = [layer for layer in sorted(raw.vectors) if layer > 0]
     # llama.cpp's cvector-generator and repeng both record the number of direction tensors here.
     writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(layers))
     for layer in layers:
-        writer.add_tensor(f"direction.{layer}", vectors.vectors[layer].numpy())
+        writer.add_tensor(f"direction.{layer}", raw.vectors[layer].numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -9,23 +9,15 @@ by explicit conversion in ``steering_vllm.formats``.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-FORMAT = "steering-vectors"
-FORMAT_VERSION = "1"
-SITE = "block_output"
-_TENSOR_NAME = re.compile(r"^layers\.(0|[1-9][0-9]*)$")
-
-
-class SteeringVectorsError(ValueError):
-    """A steering-vector file or tensor that cannot be used; the message names the source and the problem."""
+from steering_vllm import formats
+from steering_vllm.formats import FORMAT, FORMAT_VERSION, SITE, SteeringVectorsError  # noqa: F401 (public here)
 
 
 class SteeringVectors:
@@ -80,78 +72,31 @@ class SteeringVectors:
         ``num_layers`` is used only by formats that do not record the layer count (GGUF, HF checkpoints
         without a config.json); otherwise it is inferred from the highest layer present.
         """
-        from steering_vllm import formats  # formats imports this module
-
-        return formats.load_any(Path(path), num_layers)
+        return cls._from_raw(formats.read(Path(path), num_layers))
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> SteeringVectors:
         """Parse safetensors bytes in our format (e.g. an HTTP request body)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load as load_safetensors
-
-        try:
-            tensors = load_safetensors(data)
-            metadata = _read_header_metadata(data)
-        except (SafetensorError, ValueError, json.JSONDecodeError) as e:
-            raise SteeringVectorsError(f"{source}: not a readable safetensors file ({e})") from None
-        return cls._from_safetensors(tensors, metadata, source)
+        return cls._from_raw(formats.parse_bytes(data, source))
 
     @classmethod
-    def _from_safetensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str):
-        fmt = metadata.get("format")
-        if fmt != FORMAT:
-            raise SteeringVectorsError(f"{source}: metadata 'format' is {fmt!r}, expected {FORMAT!r}")
-        version = metadata.get("format_version")
-        if version != FORMAT_VERSION:
-            raise SteeringVectorsError(
-                f"{source}: metadata 'format_version' is {version!r}; this version reads {FORMAT_VERSION!r}"
-            )
-        num_layers = _int_metadata(metadata, "num_layers", source)
-        hidden_size = _int_metadata(metadata, "hidden_size", source)
-        site = metadata.get("site", SITE)
-        if site != SITE:
-            raise SteeringVectorsError(f"{source}: metadata 'site' is {site!r}; only {SITE!r} is supported")
-        vectors = {}
-        for name, tensor in tensors.items():
-            match = _TENSOR_NAME.match(name)
-            if match is None:
-                raise SteeringVectorsError(f"{source}: unknown tensor name {name!r} (expected 'layers.<index>')")
-            vectors[int(match.group(1))] = tensor
-        for layer in vectors:
-            if layer >= num_layers:
-                raise SteeringVectorsError(
-                    f"{source}: tensor 'layers.{layer}': layer index out of range for num_layers={num_layers}"
-                )
-        return cls(vectors, num_layers, hidden_size, model=metadata.get("model"), source=source)
+    def _from_raw(cls, raw: formats.RawVectors) -> SteeringVectors:
+        return cls(raw.vectors, raw.num_layers, raw.hidden_size, model=raw.model, source=raw.source)
 
     # ---- output -------------------------------------------------------------------------------------------
 
     def metadata(self) -> dict[str, str]:
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "hidden_size": str(self.hidden_size),
-            "num_layers": str(self.num_layers),
-            "site": SITE,
-        }
-        if self.model:
-            meta["model"] = self.model
-        return meta
+        return formats.ours_metadata(self.num_layers, self.hidden_size, self.model)
 
     def to_bytes(self) -> bytes:
-        from safetensors.torch import save
-
-        return save(self._named_tensors(), metadata=self.metadata())
+        return formats.ours_bytes(self._raw())
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write our format (``.safetensors``), llama.cpp's GGUF (``.gguf``) or the paper's ``.npy``.
 
         The file is written to a temporary name first and renamed, so a reader never sees half a file.
         """
-        from steering_vllm import formats
-
-        return formats.save_any(self, Path(path))
+        return formats.write(Path(path), self.vectors, self.num_layers, self.hidden_size, self.model)
 
     def to_tensor(self) -> torch.Tensor:
         """[num_layers, hidden_size] float32, zero rows for absent layers."""
@@ -160,8 +105,8 @@ class SteeringVectors:
             table[layer] = vector
         return table
 
-    def _named_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"layers.{layer}": vector.contiguous() for layer, vector in self.vectors.items()}
+    def _raw(self) -> formats.RawVectors:
+        return formats.RawVectors(self.vectors, self.num_layers, self.hidden_size, self.model, self.source)
 
     # ---- transforms ---------------------------------------------------------------------------------------
 
@@ -271,20 +216,3 @@ def _checked_vector(vector, layer: int, num_layers: int, hidden_size: int, sourc
 def _overflows(vector: torch.Tensor) -> bool:
     """Whether ``vector`` (float32) or the sum of its squares is not finite in float32."""
     return not bool(torch.isfinite(vector.square().sum()))
-
-
-def _int_metadata(metadata: dict[str, str], key: str, source: str) -> int:
-    value = metadata.get(key)
-    if value is None:
-        raise SteeringVectorsError(f"{source}: metadata {key!r} is missing")
-    try:
-        return int(value)
-    except ValueError:
-        raise SteeringVectorsError(f"{source}: metadata {key!r} is {value!r}, expected an integer") from None
-
-
-def _read_header_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors header (safetensors.torch.load drops it)."""
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    return header.get("__metadata__") or {}
