@@ -120,14 +120,15 @@ def _put_set(engine, vectors: SteeringVectors, name: str | None) -> bool:
 
 def _checked(vllm_config, vectors) -> SteeringVectors:
     from steering_vllm.engine_args import vectors_for_model
-    from steering_vllm.worker import EXTENSION
+    from steering_vllm.worker import has_steering_extension
 
     vectors = vectors_for_model(vectors, vllm_config.model_config)
     extension = vllm_config.parallel_config.worker_extension_cls
-    if extension != EXTENSION:
+    if not has_steering_extension(extension):
         raise SteeringVectorsError(
             f"{vectors.source}: this engine's workers lack the steering extension (worker_extension_cls is "
-            f"{extension!r}); the plugin sets it for the steered families unless another extension was given"
+            f"{extension!r}); the plugin sets it for the steered families unless another extension was given: extend "
+            "steering_vllm.worker.SteeringWorkerExtension"
         )
     return vectors
 

@@ -47,7 +47,9 @@ class FullTrainable:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def engine_kwargs(self) -> dict:
-        return {}
+        from trainer.full_weights_worker import EXTENSION
+
+        return {"worker_extension_cls": EXTENSION}
 
     def sync(self, engine) -> None:
         """Reload every weight into the running engine in place (vLLM's layerwise reload), then reset its prefix

@@ -104,3 +104,17 @@ def test_sets_that_do_not_fit_the_model_are_refused_before_any_worker_starts(tin
     args = EngineArgs(model=str(tiny_model_dirs["qwen2"]), max_model_len=256, additional_config=config)
     with pytest.raises(ValueError, match="steering set 'narrow': .*hidden_size 64 does not match the model's 128"):
         args.create_engine_config()
+
+
+class _OtherExtension:
+    pass
+
+
+def test_hot_swap_accepts_the_steering_extension_and_extensions_of_it_only():
+    from steering_vllm.worker import EXTENSION, SteeringWorkerExtension, has_steering_extension
+    from trainer.full_weights_worker import EXTENSION as FULL_WEIGHTS
+
+    assert has_steering_extension(EXTENSION) and has_steering_extension(FULL_WEIGHTS)
+    assert has_steering_extension(type("Mine", (SteeringWorkerExtension,), {}))
+    assert not has_steering_extension(f"{__name__}._OtherExtension")
+    assert not has_steering_extension(_OtherExtension) and not has_steering_extension(None)

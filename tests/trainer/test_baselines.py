@@ -14,6 +14,7 @@ from engine_utils import greedy, max_abs_diff, random_prompts, shutdown, start_e
 from tiny_models import VOCAB_SIZE
 
 from trainer.baselines import FullTrainable, LoraTrainable, layer_buckets
+from trainer.full_weights_worker import EXTENSION as FULL_WEIGHTS_EXTENSION
 
 KINDS = ("full", "lora")
 RANK, ALPHA = 4, 8
@@ -88,7 +89,8 @@ def test_full_trains_every_weight_and_not_the_steering(tiny_model_dirs):
     trainable = FullTrainable(model, gradient_checkpointing=False)
     assert {id(p) for p in trainable.parameters()} == {id(p) for p in model.parameters()}
     assert all(p is not trainable.learner.steering for p in trainable.parameters())
-    assert trainable.lora_request() is None and trainable.engine_kwargs() == {}
+    assert trainable.lora_request() is None
+    assert trainable.engine_kwargs() == {"worker_extension_cls": FULL_WEIGHTS_EXTENSION}
     before = _snapshot(model)
     _train(trainable)
     moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
