@@ -99,7 +99,7 @@ setup(
     ],
     entry_points={
         "vllm.general_plugins": ["steering_vllm = steering_vllm.plugin:register"],
-        "vllm.endpoint_plugins": ["steering_vllm = steering_vllm.endpoint:SteeringEndpoint"],
+        "vllm.endpoint_plugins": ["steering_vllm = steering_vllm.serve.endpoint:SteeringEndpoint"],
         "console_scripts": ["steering-vllm = steering_vllm.cli:main"],
     },
     extras_require={

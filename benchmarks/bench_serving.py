@@ -67,7 +67,7 @@ def _use_naive_steering() -> None:
     """Patch the steered norm into the naive form: a separate add of the vector, then vLLM's own norm."""
     from vllm.model_executor.layers.layernorm import RMSNorm
 
-    from steering_vllm.norm import SteeredRMSNorm
+    from steering_vllm.engine.norm import SteeredRMSNorm
 
     def naive_forward(self, x, residual=None):
         if residual is None:

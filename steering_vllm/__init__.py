@@ -4,7 +4,7 @@ Importing this package does not import vLLM; the plugin (``steering_vllm.plugin.
 when vLLM loads it through the ``vllm.general_plugins`` entry point.
 """
 
-from steering_vllm.hot_swap import remove_steering, update_steering, update_steering_async
-from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+from steering_vllm.serve.hot_swap import remove_steering, update_steering, update_steering_async
+from steering_vllm.vectors.steering_vectors import SteeringVectors, SteeringVectorsError
 
 __all__ = ["SteeringVectors", "SteeringVectorsError", "remove_steering", "update_steering", "update_steering_async"]

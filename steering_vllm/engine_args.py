@@ -22,12 +22,10 @@ from steering_vllm.config import (
     SETS_KEY,
     VECTORS_KEY,
     check_set_name,
-    per_request_options,
-    steering_options,
 )
-from steering_vllm.families import ARCHITECTURES, architectures, is_steered
-from steering_vllm.scale_out import check_serving_mode
-from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+from steering_vllm.engine.families import check_vectors_against_model, is_steered
+from steering_vllm.engine.scale_out import check_serving_mode
+from steering_vllm.vectors.steering_vectors import SteeringVectors, SteeringVectorsError
 
 
 def install() -> None:
@@ -55,7 +53,7 @@ def install() -> None:
         check_serving_mode(vllm_config)
         add_worker_extension(vllm_config)
         if is_steered(vllm_config.model_config):
-            from steering_vllm import frontend
+            from steering_vllm.per_request import frontend
 
             # This process builds an engine's front end (LLM, a serve process, or one of several API servers):
             # it resolves each request's steering choice, or refuses one the engine cannot honour.
@@ -176,42 +174,9 @@ def _directory(value: str) -> str:
     return path
 
 
-def check_vectors_against_model(vllm_config) -> None:
-    """Raise SteeringVectorsError unless the configured vectors and sets fit the model (architecture, layers,
-    width)."""
-    additional_config = vllm_config.additional_config
-    path, _ = steering_options(additional_config)
-    per_request = per_request_options(additional_config)
-    if path is None and per_request is None:
-        return
-    model_config = vllm_config.model_config
-    if not is_steered(model_config):
-        what = path if path is not None else "per-request steering sets"
-        raise SteeringVectorsError(
-            f"{what}: model {model_config.model} is {architectures(model_config)}; "
-            f"steering supports {sorted(ARCHITECTURES)}"
-        )
-    if path is not None:
-        vectors_for_model(path, model_config)
-    for name, set_path in (per_request or ({}, 0))[0].items():
-        try:
-            vectors_for_model(set_path, model_config)
-        except SteeringVectorsError as e:
-            raise SteeringVectorsError(f"steering set {name!r}: {e}") from None
-
-
-def vectors_for_model(vectors: SteeringVectors | str | os.PathLike, model_config) -> SteeringVectors:
-    """``vectors`` (an object or any readable file), checked against the model's layer count and width."""
-    text_config = model_config.hf_text_config
-    if not isinstance(vectors, SteeringVectors):
-        vectors = SteeringVectors.load(vectors, num_layers=text_config.num_hidden_layers)
-    vectors.check_compatible(text_config.num_hidden_layers, text_config.hidden_size, model_config.model)
-    return vectors
-
-
 def add_worker_extension(vllm_config) -> None:
     """Give steered models' workers the hot-swap methods, unless the user named an extension of their own."""
-    from steering_vllm.worker import EXTENSION
+    from steering_vllm.serve.worker import EXTENSION
 
     parallel_config = vllm_config.parallel_config
     if is_steered(vllm_config.model_config) and not parallel_config.worker_extension_cls:

@@ -25,7 +25,7 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 @dataclass
 class TrainConfig:
     # what to train, where to write
-    model: str = ""  # HF name or local directory (a family in steering_vllm/families.py)
+    model: str = ""  # HF name or local directory (a family in steering_vllm/engine/families.py)
     output_dir: str = ""  # vectors, checkpoints, metrics, summary, curves (see Training)
     trainable: Literal["steering", "full", "lora"] = "steering"  # full / lora: baselines, all else identical
     lora_rank: int = 1  # trainable: lora (on mlp.down_proj)

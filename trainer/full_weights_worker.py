@@ -8,7 +8,7 @@ the steering extension.
 import contextlib
 import logging
 
-from steering_vllm.worker import SteeringWorkerExtension
+from steering_vllm.serve.worker import SteeringWorkerExtension
 
 EXTENSION = "trainer.full_weights_worker.FullWeightsWorkerExtension"
 

@@ -1,4 +1,4 @@
-"""The learner's forward: an HF transformers decoder (the families ``steering_vllm.families`` names),
+"""The learner's forward: an HF transformers decoder (the families ``steering_vllm.engine.families`` names),
 frozen, with the steering vectors trainable.
 
 It runs the model's own submodules (embeddings, attention, MLP, norms, rotary) but carries ``(hidden,
@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from steering_vllm.families import FAMILIES, norm_weight_offset
+from steering_vllm.engine.families import FAMILIES, norm_weight_offset
 
 logger = logging.getLogger(__name__)
 

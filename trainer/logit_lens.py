@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from steering_vllm.families import norm_weight_offset
-from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+from steering_vllm.engine.families import norm_weight_offset
+from steering_vllm.vectors.steering_vectors import SteeringVectors, SteeringVectorsError
 
 _CHUNK_ROWS = 8192  # unembedding rows converted to float32 at a time
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from steering_vllm.endpoint import HTTPProblem, resolve_inside
+from steering_vllm.serve.endpoint import HTTPProblem, resolve_inside
 
 
 @pytest.fixture

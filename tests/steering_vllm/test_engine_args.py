@@ -111,7 +111,7 @@ class _OtherExtension:
 
 
 def test_hot_swap_accepts_the_steering_extension_and_extensions_of_it_only():
-    from steering_vllm.worker import EXTENSION, SteeringWorkerExtension, has_steering_extension
+    from steering_vllm.serve.worker import EXTENSION, SteeringWorkerExtension, has_steering_extension
     from trainer.full_weights_worker import EXTENSION as FULL_WEIGHTS
 
     assert has_steering_extension(EXTENSION) and has_steering_extension(FULL_WEIGHTS)

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from steering_vllm import SteeringVectors, SteeringVectorsError
-from steering_vllm import convert as convert_cmd
-from steering_vllm import inspect as inspect_cmd
+from steering_vllm.vectors import convert as convert_cmd
+from steering_vllm.vectors import inspect as inspect_cmd
 
 
 def test_npy_both_directions(tmp_path):
@@ -156,6 +156,9 @@ def test_inspect_command(tmp_path, capsys):
 def test_commands_run_as_modules(tmp_path):
     path = SteeringVectors.from_tensor(torch.ones(2, 4)).save(tmp_path / "v.safetensors")
     result = subprocess.run(
-        [sys.executable, "-m", "steering_vllm.inspect", str(path), "--json"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "steering_vllm.vectors.inspect", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert '"norms": [\n    2.0,\n    2.0\n  ]' in result.stdout

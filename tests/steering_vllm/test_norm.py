@@ -11,7 +11,7 @@ def norm_classes():
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.layernorm import RMSNorm
 
-    from steering_vllm.norm import SteeredRMSNorm
+    from steering_vllm.engine.norm import SteeredRMSNorm
 
     with set_current_vllm_config(VllmConfig()):
         yield RMSNorm, SteeredRMSNorm
@@ -52,7 +52,7 @@ def test_without_residual_it_is_vllms_norm(norm_classes):
 def test_steered_gemma_norm_multiplies_by_one_plus_weight(norm_classes, dtype, atol):
     from vllm.model_executor.layers.layernorm import GemmaRMSNorm
 
-    from steering_vllm.norm import SteeredGemmaRMSNorm, steered_norm
+    from steering_vllm.engine.norm import SteeredGemmaRMSNorm, steered_norm
 
     d = 96
     base = GemmaRMSNorm(d, eps=1e-6)
@@ -76,7 +76,7 @@ def test_steered_gemma_norm_multiplies_by_one_plus_weight(norm_classes, dtype, a
 def test_a_norm_the_mechanism_does_not_know_is_refused(norm_classes):
     from vllm.model_executor.layers.layernorm import LayerNorm
 
-    from steering_vllm.norm import steered_norm
+    from steering_vllm.engine.norm import steered_norm
 
     with pytest.raises(NotImplementedError, match=r"model\.layers\.3\.input_layernorm is LayerNorm, not one of"):
         steered_norm(LayerNorm(64), "model.layers.3.input_layernorm", steered_layer=2)

@@ -19,7 +19,7 @@ def rank_slice_class():
     from vllm.model_executor.layers.layernorm import RMSNorm
     from vllm.model_executor.models.utils import PPMissingLayer
 
-    from steering_vllm.models import SteeringMixin
+    from steering_vllm.engine.models import SteeringMixin
 
     class Block(nn.Module):
         def __init__(self, norm_class):
@@ -94,7 +94,7 @@ def test_gemma_norms_get_their_own_steered_form(rank_slice_class):
     """Gemma's norm multiplies by 1 + weight: it must become SteeredGemmaRMSNorm, not a plain steered RMSNorm."""
     from vllm.model_executor.layers.layernorm import GemmaRMSNorm
 
-    from steering_vllm.norm import SteeredGemmaRMSNorm
+    from steering_vllm.engine.norm import SteeredGemmaRMSNorm
 
     rank = rank_slice_class(0, 4, norm_class=GemmaRMSNorm)
     norms = [rank.model.layers[i].input_layernorm for i in range(1, 4)]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from steering_vllm.rows import RowAssigner
-from steering_vllm.sets import CONFIG_KEY
-from steering_vllm.vectors import table_hash
+from steering_vllm.per_request.rows import RowAssigner
+from steering_vllm.per_request.sets import CONFIG_KEY
+from steering_vllm.vectors.steering_vectors import table_hash
 
 L, D, ROWS, MAX_TOKENS = 2, 4, 3, 16  # rows 1 and 2 for configurations, row 0 zero
 

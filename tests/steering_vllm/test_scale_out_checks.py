@@ -1,15 +1,15 @@
 """The checks that keep a request from being served vectors it did not ask for, without an engine: the start-up
-refusal of serving modes (steering_vllm.scale_out), the engine core's check of each request
-(steering_vllm.engine_guard) and the front end's refusal of a choice an engine without sets cannot honour."""
+refusal of serving modes (steering_vllm.engine.scale_out), the engine core's check of each request
+(steering_vllm.per_request.guard) and the front end's refusal of a choice an engine without sets cannot honour."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from steering_vllm.engine_guard import check_request
-from steering_vllm.frontend import refuse_choice
-from steering_vllm.scale_out import V2_RUNNER_ENV, check_serving_mode, serves_one_rank_of_many
-from steering_vllm.vectors import SteeringVectorsError
+from steering_vllm.engine.scale_out import V2_RUNNER_ENV, check_serving_mode, serves_one_rank_of_many
+from steering_vllm.per_request.frontend import refuse_choice
+from steering_vllm.per_request.guard import check_request
+from steering_vllm.vectors.steering_vectors import SteeringVectorsError
 
 SETS = {"steering_sets": {"a": "a.safetensors"}}
 
@@ -128,7 +128,7 @@ class _Ranks:
 def test_a_swap_commits_on_every_rank_only_after_every_rank_staged_it():
     import asyncio
 
-    from steering_vllm.hot_swap import swap_every_rank
+    from steering_vllm.serve.hot_swap import swap_every_rank
 
     ranks = _Ranks(3)
     asyncio.run(swap_every_rank(ranks.rpc, b"", "v", "new"))

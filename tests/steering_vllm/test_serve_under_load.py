@@ -30,7 +30,7 @@ from server_utils import running_server
 from tiny_models import HIDDEN_SIZE, NUM_LAYERS, VOCAB_SIZE
 
 from steering_vllm import SteeringVectors
-from steering_vllm.sets import SteeringSets
+from steering_vllm.per_request.sets import SteeringSets
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ import torch
 
 from steering_vllm import SteeringVectors
 from steering_vllm.config import per_request_options
-from steering_vllm.sets import SteeringRowsExhausted, SteeringSets, parse_choice, salted
+from steering_vllm.per_request.sets import SteeringRowsExhausted, SteeringSets, parse_choice, salted
 
 L, D = 3, 8
 
@@ -155,7 +155,7 @@ def test_parse_choice_normalises_one_name_and_lists():
 
 
 def test_an_http_requests_choice_is_pinned_for_all_its_prompts_while_its_set_is_replaced(sets):
-    from steering_vllm.frontend import PINNED_CHOICE, resolve_pinned
+    from steering_vllm.per_request.frontend import PINNED_CHOICE, resolve_pinned
 
     assert resolve_pinned(sets, {"steering": "a"}).content_hash == A.content_hash()  # no pin: plain resolution
     token = PINNED_CHOICE.set({})

@@ -3,7 +3,7 @@
 A file holds one float32 tensor of shape [hidden_size] per steered layer, named
 ``layers.{l}`` (l = the decoder layer whose output it is added to); layers not in
 the file are zero. Other formats (.npy, HF checkpoints, GGUF) are read and written
-by explicit conversion in ``steering_vllm.formats``.
+by explicit conversion in ``steering_vllm.vectors.formats``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from steering_vllm import formats
-from steering_vllm.formats import FORMAT, FORMAT_VERSION, SITE, SteeringVectorsError  # noqa: F401 (public here)
+from steering_vllm.vectors import formats
+from steering_vllm.vectors.formats import FORMAT, FORMAT_VERSION, SITE, SteeringVectorsError  # noqa: F401 (public here)
 
 
 class SteeringVectors:

@@ -8,7 +8,7 @@
   so it is our ``layers.{n}``; llama.cpp has no slot for block 0, so a vector on layer 0 cannot be written.
 
 Readers return a ``RawVectors`` (the layers' tensors as the file holds them, the shape and where they came from)
-and writers take the same plain data; ``SteeringVectors`` (``steering_vllm.vectors``) is the one constructor that
+and writers take the same plain data; ``SteeringVectors`` (``steering_vectors.py``) is the one constructor that
 checks them. This module imports nothing of the package.
 """
 

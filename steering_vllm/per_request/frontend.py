@@ -29,8 +29,8 @@ from contextvars import ContextVar
 from vllm.exceptions import VLLMValidationError
 
 from steering_vllm.config import per_request_options, steering_options
-from steering_vllm.engine_guard import START_WITH_SETS, STEERING_KEYS
-from steering_vllm.sets import (
+from steering_vllm.per_request.guard import START_WITH_SETS, STEERING_KEYS
+from steering_vllm.per_request.sets import (
     CONFIG_KEY,
     Configuration,
     SteeringRowsExhausted,
@@ -38,7 +38,7 @@ from steering_vllm.sets import (
     parse_choice,
     salted,
 )
-from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+from steering_vllm.vectors.steering_vectors import SteeringVectors, SteeringVectorsError
 
 # An HTTP request's steering choice, resolved once on arrival (``endpoint.SetAsModelMiddleware``) and used for
 # each of its prompts: a set replaced while the request is being processed cannot give its prompts other
@@ -88,7 +88,7 @@ def install_hooks() -> None:
 def install(engine) -> None:
     """Give ``engine`` (an ``LLMEngine`` or ``AsyncLLM``) per-request steering if its config asks for it; a
     steered engine without it refuses requests that choose vectors (they would get the global ones)."""
-    from steering_vllm.families import is_steered
+    from steering_vllm.engine.families import is_steered
 
     vllm_config = engine.vllm_config
     if not is_steered(vllm_config.model_config):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from steering_vllm.config import check_set_name
-from steering_vllm.vectors import SteeringVectors
+from steering_vllm.vectors.steering_vectors import SteeringVectors
 
 CHOICE_KEY = "steering"
 SCALE_KEY = "steering_scale"

@@ -7,10 +7,10 @@ does not carry tensors faithfully (DESIGN.md §5).
 
 import functools
 
-from steering_vllm.rows import RowAssigner
-from steering_vllm.vectors import SteeringVectors, table_hash
+from steering_vllm.per_request.rows import RowAssigner
+from steering_vllm.vectors.steering_vectors import SteeringVectors, table_hash
 
-EXTENSION = "steering_vllm.worker.SteeringWorkerExtension"
+EXTENSION = "steering_vllm.serve.worker.SteeringWorkerExtension"
 
 
 def has_steering_extension(extension: str | type | None) -> bool:

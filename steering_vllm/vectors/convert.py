@@ -1,4 +1,4 @@
-"""Convert steering vectors between formats: ``python -m steering_vllm.convert INPUT OUTPUT``.
+"""Convert steering vectors between formats: ``python -m steering_vllm.vectors.convert INPUT OUTPUT``.
 
 INPUT: our .safetensors, an HF checkpoint (file or directory) with ``mlp.down_proj.bias`` tensors, the
 paper code's .npy [L, d], or a llama.cpp / repeng GGUF control vector. OUTPUT's extension picks the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+from steering_vllm.vectors.steering_vectors import SteeringVectors, SteeringVectorsError
 
 
 def parse_layers(text: str) -> list[int]:
@@ -26,7 +26,9 @@ def parse_layers(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m steering_vllm.convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m steering_vllm.vectors.convert", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("input", help="vectors to read (.safetensors, .npy, .gguf, or an HF checkpoint directory)")
     parser.add_argument("output", help="file to write; .safetensors (ours), .gguf (llama.cpp) or .npy")
     parser.add_argument("--num-layers", type=int, help="model's layer count, for inputs that do not record it (GGUF)")

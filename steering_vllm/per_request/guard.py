@@ -1,6 +1,6 @@
 """The engine core's last check: no request is served vectors it did not ask for.
 
-The front end resolves each request's steering choice (``steering_vllm.frontend``). A request that reaches
+The front end resolves each request's steering choice (``steering_vllm.per_request.frontend``). A request that reaches
 the engine core unresolved came through a front end without the plugin's hooks (a mode the start-up checks
 did not foresee, an external front end) or asks an engine for something it was not started to do. Such a
 request is refused here, in the engine core's input thread, where vLLM answers a failed
@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 
 from steering_vllm.config import per_request_options
-from steering_vllm.sets import CHOICE_KEY, CONFIG_KEY, SCALE_KEY
+from steering_vllm.per_request.sets import CHOICE_KEY, CONFIG_KEY, SCALE_KEY
 
 STEERING_KEYS = (CHOICE_KEY, SCALE_KEY, CONFIG_KEY)
 START_WITH_SETS = "start the server with --steering-sets NAME=PATH (or --max-steering-configs N)"
@@ -44,7 +44,7 @@ def install() -> None:
 def _per_request(engine_core) -> bool:
     per_request = getattr(engine_core, "_steering_per_request", None)
     if per_request is None:
-        from steering_vllm.families import is_steered
+        from steering_vllm.engine.families import is_steered
 
         config = engine_core.vllm_config
         per_request = is_steered(config.model_config) and per_request_options(config.additional_config) is not None

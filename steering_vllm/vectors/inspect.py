@@ -1,4 +1,4 @@
-"""Print a steering-vector file's metadata and per-layer norms: ``python -m steering_vllm.inspect FILE``."""
+"""Print a steering-vector file's metadata and per-layer norms: ``python -m steering_vllm.vectors.inspect FILE``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+from steering_vllm.vectors.steering_vectors import SteeringVectors, SteeringVectorsError
 
 
 def format_summary(info: dict) -> str:
@@ -27,7 +27,7 @@ def format_summary(info: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m steering_vllm.inspect", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m steering_vllm.vectors.inspect", description=__doc__)
     parser.add_argument("path", help="vectors in any readable format (.safetensors, .npy, .gguf, HF checkpoint)")
     parser.add_argument("--num-layers", type=int, help="model's layer count, for inputs that do not record it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

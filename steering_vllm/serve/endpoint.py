@@ -5,7 +5,7 @@ vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them, so the routes
 They live under ``/v1``, so ``--api-key`` guards them like every other route.
 
 - ``GET`` answers the engine's own record: the active vectors' hash, source, layers, norms, the time they
-  were set, and the last swaps (``steering_vllm.models``); the workers are asked, not a copy kept here.
+  were set, and the last swaps (``steering_vllm.engine.models``); the workers are asked, not a copy kept here.
 - ``PUT`` swaps in place with ``update_steering_async`` (a swap lands between engine steps; requests keep
   running). The body is either safetensors bytes in our format (any content type but JSON), or JSON
   ``{"file": NAME}`` naming a file inside ``--steering-dir``. ``?scale=F`` multiplies the vectors.
@@ -34,18 +34,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from steering_vllm.config import check_set_name
-from steering_vllm.families import is_steered
-from steering_vllm.frontend import PINNED_CHOICE
-from steering_vllm.hot_swap import (
+from steering_vllm.engine.families import is_steered
+from steering_vllm.engine.scale_out import front_end_count, serves_one_rank_of_many
+from steering_vllm.per_request.frontend import PINNED_CHOICE
+from steering_vllm.per_request.sets import CHOICE_KEY, parse_choice
+from steering_vllm.serve.hot_swap import (
     NO_SETS_MESSAGE,
     remove_steering,
     rpc_every_rank,
     steering_sets,
     update_steering_async,
 )
-from steering_vllm.scale_out import front_end_count, serves_one_rank_of_many
-from steering_vllm.sets import CHOICE_KEY, parse_choice
-from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+from steering_vllm.vectors.steering_vectors import SteeringVectors, SteeringVectorsError
 
 ROUTE = "/v1/steering"
 SETS_ROUTE = ROUTE + "/sets/{name}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 
-from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+from steering_vllm.vectors.steering_vectors import SteeringVectors, SteeringVectorsError
 
 
 def update_steering(llm, vectors: SteeringVectors | str | os.PathLike, name: str | None = None) -> str:
@@ -97,7 +97,7 @@ def remove_steering(llm_or_engine, name: str) -> None:
 
 
 def steering_sets(engine):
-    """The engine's ``SteeringSets`` (``steering_vllm.sets``), or None without per-request steering."""
+    """The engine's ``SteeringSets`` (``steering_vllm.per_request.sets``), or None without per-request steering."""
     return getattr(engine, "steering_sets", None)
 
 
@@ -119,8 +119,8 @@ def _put_set(engine, vectors: SteeringVectors, name: str | None) -> bool:
 
 
 def _checked(vllm_config, vectors) -> SteeringVectors:
-    from steering_vllm.engine_args import vectors_for_model
-    from steering_vllm.worker import has_steering_extension
+    from steering_vllm.engine.families import vectors_for_model
+    from steering_vllm.serve.worker import has_steering_extension
 
     vectors = vectors_for_model(vectors, vllm_config.model_config)
     extension = vllm_config.parallel_config.worker_extension_cls
@@ -128,7 +128,7 @@ def _checked(vllm_config, vectors) -> SteeringVectors:
         raise SteeringVectorsError(
             f"{vectors.source}: this engine's workers lack the steering extension (worker_extension_cls is "
             f"{extension!r}); the plugin sets it for the steered families unless another extension was given: extend "
-            "steering_vllm.worker.SteeringWorkerExtension"
+            "steering_vllm.serve.worker.SteeringWorkerExtension"
         )
     return vectors
 

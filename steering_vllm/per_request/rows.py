@@ -19,8 +19,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from steering_vllm.sets import CONFIG_KEY
-from steering_vllm.vectors import table_hash
+from steering_vllm.per_request.sets import CONFIG_KEY
+from steering_vllm.vectors.steering_vectors import table_hash
 
 
 class RowAssigner:

@@ -1,6 +1,6 @@
 """Steered vLLM models: vLLM's own classes with the norms after layers 0..L-1 swapped for their steered forms.
 
-One mechanism for every family in ``steering_vllm.families``: ``Steered<Class>`` (e.g.
+One mechanism for every family in ``steering_vllm.engine.families``: ``Steered<Class>`` (e.g.
 ``SteeredQwen2ForCausalLM``) is vLLM's class with ``SteeringMixin`` mixed in, built on first use, and the
 norms to steer are found from the model's own modules. Registered under the built-in architecture names by
 ``steering_vllm.plugin``, so those checkpoints are served steered, with the base checkpoint unchanged.
@@ -18,9 +18,9 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.utils import PPMissingLayer
 
 from steering_vllm.config import per_request_options, steering_options
-from steering_vllm.families import FAMILIES
-from steering_vllm.norm import SteeringBuffers, steered_norm
-from steering_vllm.vectors import SteeringVectors, table_hash
+from steering_vllm.engine.families import FAMILIES
+from steering_vllm.engine.norm import SteeringBuffers, steered_norm
+from steering_vllm.vectors.steering_vectors import SteeringVectors, table_hash
 
 logger = init_logger(__name__)
 
@@ -159,7 +159,7 @@ _CLASSES: dict[str, type] = {}
 
 def __getattr__(name: str) -> type:
     """``Steered<Class>`` for each vLLM class in ``FAMILIES``, built (and its vLLM module imported) on first use,
-    so that ``steering_vllm.models:SteeredQwen3ForCausalLM`` resolves as vLLM's registry expects."""
+    so that ``steering_vllm.engine.models:SteeredQwen3ForCausalLM`` resolves as vLLM's registry expects."""
     bases = {f"Steered{cls}": (module, cls) for module, cls in FAMILIES.values()}
     if name not in bases:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

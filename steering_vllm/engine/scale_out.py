@@ -1,6 +1,6 @@
 """Which ways of scaling vLLM out the plugin serves exactly, and refusing the others at start-up.
 
-Per-request sets live in the engine's front end (``steering_vllm.frontend``): the sets, their versions and
+Per-request sets live in the engine's front end (``steering_vllm.per_request.frontend``): the sets, their versions and
 the row budget are that process's books. That is exact when one front end feeds every engine rank:
 
 - one API server (the default without data parallelism), with any tensor / pipeline parallel size;
@@ -23,7 +23,7 @@ import logging
 import os
 
 from steering_vllm.config import per_request_options
-from steering_vllm.vectors import SteeringVectorsError
+from steering_vllm.vectors.steering_vectors import SteeringVectorsError
 
 logger = logging.getLogger("vllm.steering_vllm")  # under vLLM's logger: printed with its handler
 
