@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import yaml
 
 from trainer.vllm_logging import Level
 
+PATH_OPTIONS = ("model", "output_dir", "train_data", "eval_data", "init_vectors")
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -129,6 +131,9 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"unknown option(s) {unknown}; see trainer/config.py for the options")
     hints = typing.get_type_hints(TrainConfig)
     checked = {key: _checked(key, value, hints[key]) for key, value in values.items()}
+    for key in PATH_OPTIONS:  # "~/..." in a YAML file means the user's home, as in a shell
+        if isinstance(checked.get(key), str) and checked[key].startswith("~"):
+            checked[key] = os.path.expanduser(checked[key])
     config = TrainConfig(**checked)
     _check_ranges(config)
     return config

@@ -29,6 +29,17 @@ def test_yaml_then_overrides_and_the_resolved_file(tmp_path):
     assert load_config(["--config", str(tmp_path / "resolved.yaml")]) == config
 
 
+def test_a_path_option_starting_with_a_tilde_is_in_the_home_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(["--model", "~/m", "--output_dir", "~/o", "--train_data", "~/d.jsonl", "--eval_data", "e~"])
+    assert (config.model, config.output_dir, config.train_data) == (
+        f"{tmp_path}/m",
+        f"{tmp_path}/o",
+        f"{tmp_path}/d.jsonl",
+    )
+    assert config.eval_data == "e~" and config.system_prompt == SYSTEM_PROMPT
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
