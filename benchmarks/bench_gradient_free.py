@@ -13,6 +13,7 @@ turn, medians of whole steps. An A/A row times the every-backward path against i
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -72,14 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         update.gradient_free = skipping
         medians = {name: statistics.median(values[1:]) for name, values in times.items()}
         rows.append((zero_share, medians))
-    print(f"\nlearn() step on SmolLM2-135M-Instruct, fp32, {sequences} sequences x {completion} completion "
-          f"tokens, micro-batches of {args.micro_batch_size}, {torch.get_num_threads()} threads; "
-          f"medians of {args.steps}\n")  # fmt: skip
-    print("| gradient-free share | every backward (s) | skip (s) | speed-up | A/A |")
-    print("|---|---|---|---|---|")
-    for zero_share, m in rows:
-        every, skip, again = m["every backward"], m["skip"], m["every backward (A/A)"]
-        print(f"| {zero_share:.0%} | {every:.2f} | {skip:.2f} | {every / skip:.2f}x | {every / again:.2f} |")
+    from benchmarks.results import markdown, record
+
+    table = [{"share": f"{zero_share:.0%}", "every": m["every backward"], "skip": m["skip"],
+              "speedup": m["every backward"] / m["skip"], "aa": m["every backward"] / m["every backward (A/A)"]}
+             for zero_share, m in rows]  # fmt: skip
+    title = (f"learn() step on SmolLM2-135M-Instruct, fp32, {sequences} sequences x {completion} completion "
+             f"tokens, micro-batches of {args.micro_batch_size}, {torch.get_num_threads()} threads; "
+             f"medians of {args.steps}")  # fmt: skip
+    columns = [("share", "gradient-free share", ""), ("every", "every backward (s)", ".2f"),
+               ("skip", "skip (s)", ".2f"), ("speedup", "speed-up", ".2f}x"), ("aa", "A/A", ".2f")]  # fmt: skip
+    path = record("gradient_free", title, columns, table)
+    print(f"\n{title}\n\n{markdown(json.loads(path.read_text()))}")
     return 0
 
 

@@ -3,8 +3,10 @@
     python scripts/gen_docs.py          # rewrite them
     python scripts/gen_docs.py --check  # exit 1, naming the page, if one differs from what would be written
 
-Today: ``docs/training-config.md``, every field of ``trainer.config.TrainConfig`` with its type, default and
-the comment beside it, grouped under the comments that head each group in ``trainer/config.py``.
+- ``docs/training-config.md``: every field of ``trainer.config.TrainConfig`` with its type, default and the
+  comment beside it, grouped under the comments that head each group in ``trainer/config.py``;
+- in any page, a block between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``: the table of
+  ``benchmarks/results/NAME.json``, which the benchmark wrote (``benchmarks/results.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import io
+import re
 import sys
 import tokenize
 from pathlib import Path
@@ -77,7 +80,25 @@ def config_page() -> str:
     return "\n".join(lines) + "\n"
 
 
-PAGES = {CONFIG_PAGE: config_page}
+RESULTS_BLOCK = re.compile(r"(<!-- results:([\w.-]+) -->\n)(.*?)(<!-- /results:\2 -->)", re.DOTALL)
+
+
+def with_results(text: str) -> str:
+    """``text`` with every results block refilled from its result file."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.results import load, markdown
+
+    return RESULTS_BLOCK.sub(lambda m: f"{m.group(1)}{markdown(load(m.group(2)))}\n{m.group(4)}", text)
+
+
+def pages() -> dict[Path, str]:
+    """Every generated page and page with results blocks, as it should read."""
+    wanted = {CONFIG_PAGE: config_page()}
+    for path in sorted((ROOT / "docs").rglob("*.md")):
+        text = wanted.get(path, path.read_text())
+        if RESULTS_BLOCK.search(text):
+            wanted[path] = with_results(text)
+    return wanted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="compare instead of writing")
     args = parser.parse_args(argv)
     stale = []
-    for path, render in PAGES.items():
-        text = render()
+    for path, text in pages().items():
         if args.check:
             if not path.exists() or path.read_text() != text:
                 stale.append(path.relative_to(ROOT))
