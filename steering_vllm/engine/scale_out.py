@@ -11,7 +11,7 @@ It is not exact with several front ends (``--api-server-count N > 1``, which vLL
 ``--data-parallel-size N``; hybrid or external load balancing, where each rank has its own server): each
 would keep its own sets and budget, and a set replaced through one would be unknown to the others. Those
 are refused here, before any engine starts, as vLLM itself refuses runtime LoRA updating with several API
-servers. The engine core refuses any request that still slips through unresolved (``engine_guard``).
+servers. The engine core refuses any request that still slips through unresolved (``per_request.guard``).
 
 Per-request row assignment hooks vLLM's V1 model runner; the plugin selects it for such engines and refuses
 an explicit ``VLLM_USE_V2_MODEL_RUNNER=1``.
