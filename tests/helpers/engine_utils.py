@@ -109,9 +109,11 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
 _RESULT = "ENGINE-RESULT "
 
 
-def greedy_in_subprocess(model_dir, prompts, max_tokens: int, env: dict[str, str], **engine_kwargs) -> dict:
-    """``greedy`` in a fresh interpreter (e.g. with ``VLLM_PLUGINS=''`` for stock vLLM), plus the model class."""
-    request = {"model": str(model_dir), "prompts": prompts, "max_tokens": max_tokens, "engine": engine_kwargs}
+def greedy_runs_in_subprocess(runs, env: dict[str, str], **engine_kwargs) -> list[dict]:
+    """``greedy`` of each (model_dir, prompts, max_tokens), plus the model class, in a fresh interpreter (e.g. with
+    ``VLLM_PLUGINS=''`` for stock vLLM): one engine after another, so each costs an engine start, not also an
+    interpreter's start and vLLM's import."""
+    request = [{"model": str(m), "prompts": p, "max_tokens": t, "engine": engine_kwargs} for m, p, t in runs]
     result = subprocess.run(
         [sys.executable, str(Path(__file__).resolve())],
         input=json.dumps(request),
@@ -123,16 +125,18 @@ def greedy_in_subprocess(model_dir, prompts, max_tokens: int, env: dict[str, str
     if result.returncode != 0:
         raise RuntimeError(f"engine subprocess failed:\n{result.stderr[-4000:]}")
     lines = [line for line in result.stdout.splitlines() if line.startswith(_RESULT)]
-    if not lines:
-        raise RuntimeError(f"engine subprocess printed no result:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    return json.loads(lines[-1][len(_RESULT) :])
+    if len(lines) != len(request):
+        raise RuntimeError(f"engine subprocess printed {len(lines)} of {len(request)} results:\n"
+                           f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")  # fmt: skip
+    return [json.loads(line[len(_RESULT) :]) for line in lines]
 
 
 def _subprocess_main() -> None:
-    request = json.loads(sys.stdin.read())
-    llm = start_engine(request["model"], **request["engine"])
-    outputs = greedy(llm, request["prompts"], request["max_tokens"])
-    print(_RESULT + json.dumps({"model_class": model_class_name(llm), "outputs": outputs}), flush=True)
+    for request in json.loads(sys.stdin.read()):
+        llm = start_engine(request["model"], **request["engine"])
+        outputs = greedy(llm, request["prompts"], request["max_tokens"])
+        print(_RESULT + json.dumps({"model_class": model_class_name(llm), "outputs": outputs}), flush=True)
+        shutdown(llm)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 from engine_utils import (
     greedy,
-    greedy_in_subprocess,
+    greedy_runs_in_subprocess,
     hf_reference,
     max_abs_diff,
     model_class_name,
@@ -54,8 +54,18 @@ SWAPPED = SteeringVectors.from_tensor(
 )
 
 
+@pytest.fixture(scope="module")
+def stock(tiny_model_dirs):
+    """Stock vLLM's greedy output for each family in STOCK_CASES, all in one interpreter (VLLM_PLUGINS names the
+    general plugins to load; '' loads none, so these are vLLM's own model classes)."""
+    families = sorted({CASES[case][0] for case in STOCK_CASES})
+    prompts = random_prompts(3, PROMPT_LENGTH, VOCAB_SIZE, seed=2)
+    runs = [(tiny_model_dirs[family], prompts, MAX_TOKENS) for family in families]
+    return dict(zip(families, greedy_runs_in_subprocess(runs, {"VLLM_PLUGINS": ""}, enforce_eager=True), strict=True))
+
+
 @pytest.fixture(scope="module", params=list(CASES))
-def run(request, tiny_model_dirs, tmp_path_factory):
+def run(request, tiny_model_dirs, tmp_path_factory, stock):
     family, compiled, layers, extension, scale, tp = CASES[request.param]
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < tp:
@@ -91,10 +101,7 @@ def run(request, tiny_model_dirs, tmp_path_factory):
         shutdown(llm)
     model_dir = tiny_model_dirs[family]
     if request.param in STOCK_CASES:
-        # VLLM_PLUGINS names the general plugins to load; '' loads none, so this is vLLM's own model class
-        info["stock"] = greedy_in_subprocess(
-            model_dir, prompts, MAX_TOKENS, env={"VLLM_PLUGINS": ""}, enforce_eager=True
-        )
+        info["stock"] = stock[family]
     steered = hf_reference(model_dir, vectors.to_tensor() * scale, prompts, outputs)
     unsteered = hf_reference(model_dir, None, prompts, outputs)
     info["swapped_reference"] = hf_reference(model_dir, SWAPPED.to_tensor(), prompts, info["swapped_outputs"])

@@ -6,7 +6,7 @@ import torch
 from engine_utils import (
     ENGINE_KWARGS,
     greedy,
-    greedy_in_subprocess,
+    greedy_runs_in_subprocess,
     max_abs_diff,
     model_class_name,
     random_prompts,
@@ -43,11 +43,15 @@ def family(request):
 
 
 @pytest.fixture(scope="module")
-def stock(tiny_model_dirs, prompts, family):
-    # VLLM_PLUGINS names the general plugins to load; '' loads none, so this is vLLM's own model class.
-    return greedy_in_subprocess(
-        tiny_model_dirs[family], prompts, MAX_TOKENS, env={"VLLM_PLUGINS": ""}, enforce_eager=True
-    )
+def stock_runs(tiny_model_dirs, prompts):
+    # VLLM_PLUGINS names the general plugins to load; '' loads none, so these are vLLM's own model classes.
+    runs = [(tiny_model_dirs[family], prompts, MAX_TOKENS) for family in FAMILIES]
+    return dict(zip(FAMILIES, greedy_runs_in_subprocess(runs, {"VLLM_PLUGINS": ""}, enforce_eager=True), strict=True))
+
+
+@pytest.fixture(scope="module")
+def stock(stock_runs, family):
+    return stock_runs[family]
 
 
 @pytest.fixture(scope="module")
