@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         many.append(elapsed)
         scores_many = _scores(out)
     one_s, many_s = statistics.median(one), statistics.median(many)
-    from benchmarks.results import markdown, record
+    from benchmarks.results import load, markdown, record
 
     title = (f"trainer.eval on SmolLM2-135M-Instruct, {len(setups)} setups (base + {args.sets} random sets), "
              f"{args.problems} held-out GSM8K problems, greedy, up to {args.max_new_tokens} new tokens, "
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     columns = [("setups", "setups", ""), ("one", "one engine, per-request sets (s)", ".1f"),
                ("many", "one engine per setup (s)", ".1f"), ("saving", "saving", ".2f}x"),
                ("scores", "score per setup (one engine / engine per setup)", "")]  # fmt: skip
-    path = record("eval_sets", title, columns, rows)
-    print(f"\n{title}\n\n{markdown(json.loads(path.read_text()))}")
+    record("eval_sets", title, columns, rows)
+    print(f"\n{title}\n\n" + markdown(load("eval_sets")))
     return 0
 
 

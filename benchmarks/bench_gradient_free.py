@@ -13,7 +13,6 @@ turn, medians of whole steps. An A/A row times the every-backward path against i
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         update.gradient_free = skipping
         medians = {name: statistics.median(values[1:]) for name, values in times.items()}
         rows.append((zero_share, medians))
-    from benchmarks.results import markdown, record
+    from benchmarks.results import load, markdown, record
 
     table = [{"share": f"{zero_share:.0%}", "every": m["every backward"], "skip": m["skip"],
               "speedup": m["every backward"] / m["skip"], "aa": m["every backward"] / m["every backward (A/A)"]}
@@ -83,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
              f"medians of {args.steps}")  # fmt: skip
     columns = [("share", "gradient-free share", ""), ("every", "every backward (s)", ".2f"),
                ("skip", "skip (s)", ".2f"), ("speedup", "speed-up", ".2f}x"), ("aa", "A/A", ".2f")]  # fmt: skip
-    path = record("gradient_free", title, columns, table)
-    print(f"\n{title}\n\n{markdown(json.loads(path.read_text()))}")
+    record("gradient_free", title, columns, table)
+    print(f"\n{title}\n\n" + markdown(load("gradient_free")))
     return 0
 
 

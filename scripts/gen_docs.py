@@ -85,7 +85,8 @@ RESULTS_BLOCK = re.compile(r"(<!-- results:([\w.-]+) -->\n)(.*?)(<!-- /results:\
 
 def with_results(text: str) -> str:
     """``text`` with every results block refilled from its result file."""
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from benchmarks.results import load, markdown
 
     return RESULTS_BLOCK.sub(lambda m: f"{m.group(1)}{markdown(load(m.group(2)))}\n{m.group(4)}", text)
