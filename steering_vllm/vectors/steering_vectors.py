@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
+from stat import S_ISREG
 
 import torch
 
@@ -70,9 +73,22 @@ class SteeringVectors:
         """Read our format, or convert a paper-code .npy, an HF checkpoint with ``down_proj.bias``, or a GGUF file.
 
         ``num_layers`` is used only by formats that do not record the layer count (GGUF, HF checkpoints
-        without a config.json); otherwise it is inferred from the highest layer present.
+        without a config.json); otherwise it is inferred from the highest layer present. A file is parsed once
+        per process while it stays unchanged; each call returns a new instance.
         """
-        return cls._from_raw(formats.read(Path(path), num_layers))
+        key = _file_identity(cls, path)
+        with _PARSED_LOCK:
+            asked, parsed = _PARSED.get(key, (None, None)) if key is not None else (None, None)
+        # A parse made with the same num_layers answers the call, and so does one that found the count asked for:
+        # formats that record the count ignore the argument, the others take it as the count.
+        if parsed is None or not (num_layers == asked or (num_layers is not None and num_layers == parsed.num_layers)):
+            parsed = cls._from_raw(formats.read(Path(path), num_layers))
+            if key is not None:
+                with _PARSED_LOCK:
+                    _PARSED[key] = (num_layers, parsed)
+                    while len(_PARSED) > _PARSED_KEEP:
+                        _PARSED.popitem(last=False)
+        return cls(parsed.vectors, parsed.num_layers, parsed.hidden_size, parsed.model, parsed.source)
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> SteeringVectors:
@@ -175,6 +191,25 @@ class SteeringVectors:
             f"SteeringVectors(num_layers={self.num_layers}, hidden_size={self.hidden_size}, "
             f"layers={sorted(self.vectors)}, source={self.source!r})"
         )
+
+
+# Files parsed in this process, by identity. The process that starts an engine reads each vector file up to
+# three times (the flag's check, the check against the model, the per-request front end's sets): it is parsed
+# once. A rewritten file has a new identity (size, mtime, inode), so it is read again.
+_PARSED: OrderedDict[tuple, tuple[int | None, SteeringVectors]] = OrderedDict()
+_PARSED_KEEP = 8
+_PARSED_LOCK = threading.Lock()
+
+
+def _file_identity(cls: type, path: str | os.PathLike) -> tuple | None:
+    """What names a regular file's content in this process, or None (a directory or a missing file: not cached)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    if not S_ISREG(stat.st_mode):
+        return None
+    return (cls, os.fspath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def table_hash(table: torch.Tensor) -> str:

@@ -118,3 +118,24 @@ def test_hot_swap_accepts_the_steering_extension_and_extensions_of_it_only():
     assert has_steering_extension(type("Mine", (SteeringWorkerExtension,), {}))
     assert not has_steering_extension(f"{__name__}._OtherExtension")
     assert not has_steering_extension(_OtherExtension) and not has_steering_extension(None)
+
+
+def test_each_vector_file_is_parsed_once_on_the_way_to_the_engine(parser, tiny_model_dirs, tmp_path, monkeypatch):
+    """The flag's check, the check against the model and the front end's sets all read the same files."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from steering_vllm.per_request.frontend import load_sets
+    from steering_vllm.vectors import formats
+
+    default = SteeringVectors.from_tensor(torch.randn(4, 128)).save(tmp_path / "default.safetensors")
+    other = SteeringVectors.from_tensor(torch.randn(4, 128)).save(tmp_path / "a.safetensors")
+    parsed = []
+    read = formats.read
+    monkeypatch.setattr(formats, "read", lambda path, *args: parsed.append(path.name) or read(path, *args))
+    argv = ["--model", str(tiny_model_dirs["qwen2"]), "--max-model-len", "256", "--steering-vectors", str(default),
+            "--steering-sets", f"a={other}"]  # fmt: skip
+    engine_args = EngineArgs.from_cli_args(parser.parse_args(argv))
+    vllm_config = engine_args.create_engine_config()
+    sets = load_sets(vllm_config.model_config, vllm_config.additional_config)
+    assert sorted(parsed) == ["a.safetensors", "default.safetensors"]
+    assert torch.equal(sets.sets["a"].to_tensor(), SteeringVectors.load(other).to_tensor())

@@ -140,3 +140,27 @@ def test_non_float32_inputs_are_converted_to_float32():
     assert vectors.vectors[1].dtype == torch.float32
     with pytest.raises(SteeringVectorsError, match=r"expected a \[num_layers, hidden_size\] tensor"):
         SteeringVectors.from_tensor(torch.zeros(8))
+
+
+def test_a_file_is_parsed_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    from steering_vllm.vectors import formats
+
+    parsed = []
+    read = formats.read
+    monkeypatch.setattr(formats, "read", lambda path, *args: parsed.append(path) or read(path, *args))
+    path = SteeringVectors.from_tensor(torch.randn(3, 8)).save(tmp_path / "v.safetensors")
+    first, second = SteeringVectors.load(path), SteeringVectors.load(str(path), num_layers=3)
+    assert len(parsed) == 1 and first is not second and first.vectors[0] is not second.vectors[0]
+    assert torch.equal(first.to_tensor(), second.to_tensor())
+    changed = torch.randn(3, 8)
+    SteeringVectors.from_tensor(changed).save(path)  # a new file under the same name
+    assert torch.equal(SteeringVectors.load(path).to_tensor(), changed) and len(parsed) == 2
+
+
+def test_a_gguf_file_read_with_another_layer_count_is_read_again(tmp_path):
+    table = torch.zeros(6, 8)
+    table[1:3] = torch.randn(2, 8)
+    path = SteeringVectors.from_tensor(table).save(tmp_path / "v.gguf")  # GGUF does not record the count
+    assert SteeringVectors.load(path).num_layers == 3
+    assert SteeringVectors.load(path, num_layers=6).num_layers == 6
+    assert SteeringVectors.load(path).num_layers == 3
