@@ -1,6 +1,6 @@
 """The paper's Table 1 at toy scale: Base, Steering, LoRA (r=1, r=4) and Full-Tune in one of three toy worlds.
 
-``--world`` picks the world (``trainer.toy``, ``trainer.toy_worlds``): ``boxing`` (the default: the shipped
+``--world`` picks the world (``trainer.toy.worlds``): ``boxing`` (the default: the shipped
 ``fixtures/toy-model``, which computes the answer but seldom boxes it), ``misused`` (boxes, but mostly takes a
 wrong path it also knows the right one of) or ``absent`` (a kind whose operation pre-training never showed).
 Each method trains with ``python -m trainer.rloo --config configs/toy[-WORLD].yaml --trainable METHOD``: the same

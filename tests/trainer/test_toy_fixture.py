@@ -1,4 +1,4 @@
-"""The shipped toy base models (fixtures/toy-model and fixtures/toy-misused, made by `python -m trainer.toy_pretrain`)
+"""The shipped toy base models (fixtures/toy-model and fixtures/toy-misused, made by `python -m trainer.toy.pretrain`)
 load in the real engine and reproduce their recorded greedy accuracy on a held-out slice: the first half-knows its
 task (does not box), the second boxes but misuses its skill, and fails the absent world's problems."""
 

@@ -1,7 +1,8 @@
 """The toy worlds "misused" and "absent": deterministic, disjoint splits; misused solutions all boxed, their wrong
 path in the stated share of each kind with arithmetic that is right for the path taken; the absent world's
-operation nowhere in the misused corpus; the shipped fixtures are what the generator writes."""
+operation nowhere in the misused corpus; the shipped fixtures (all three worlds') are what the generators write."""
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from trainer.rewards import math_verify_reward
-from trainer.toy_worlds import WRONG_SHARE, world_splits
+from trainer.toy.worlds import WRONG_SHARE, world_splits, write_jsonl
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)\.")
@@ -65,17 +66,25 @@ def test_the_absent_operation_is_nowhere_in_the_misused_corpus():
         assert math_verify_reward(row["solution"], row["answer"]) is True
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def _first_difference(written: bytes, shipped: bytes) -> str:
+    pairs = enumerate(itertools.zip_longest(written.splitlines(), shipped.splitlines()), 1)
+    line, (ours, theirs) = next((line, pair) for line, pair in pairs if pair[0] != pair[1])
+    return f"line {line}: the generator writes {ours!r}, the fixture has {theirs!r}"
 
 
-@pytest.mark.parametrize("world", ["misused", "absent"])
-def test_the_shipped_fixtures_are_the_generators_output(world):
-    fixture = FIXTURES / f"toy-{world}"
-    record = json.loads((fixture / "pretrain.json" if world == "misused" else fixture / "world.json").read_text())
+@pytest.mark.parametrize("world", ["boxing", "misused", "absent"])
+def test_the_shipped_fixtures_are_the_generators_output_byte_for_byte(world, tmp_path):
+    """A change to a kind's draws, their order or its wording shows here. Boxing's fixture is toy-model, whose
+    pretrain.json names no world (boxing is the default)."""
+    fixture = FIXTURES / ("toy-model" if world == "boxing" else f"toy-{world}")
+    record = json.loads((fixture / "world.json" if world == "absent" else fixture / "pretrain.json").read_text())
+    assert record.get("world", "boxing") == world
     train, test = world_splits(world, record["train_size"], record["test_size"], record["seed"])
-    assert _rows(fixture / "data" / "train.jsonl") == train
-    assert _rows(fixture / "data" / "test.jsonl") == test
+    for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
+        write_jsonl(rows, tmp_path / name)
+        written, shipped = (tmp_path / name).read_bytes(), (fixture / "data" / name).read_bytes()
+        if written != shipped:
+            pytest.fail(f"{fixture.name}/data/{name}, {_first_difference(written, shipped)}")
     assert not {r["problem"] for r in train} & {r["problem"] for r in test}
 
 

@@ -1,11 +1,11 @@
-"""Pre-train a toy base model: ``python -m trainer.toy_pretrain --output fixtures/toy-model`` (world "boxing")
-or ``--world misused --output fixtures/toy-misused`` (``trainer.toy_worlds``; its model serves world "absent" too).
+"""Pre-train a toy base model: ``python -m trainer.toy.pretrain --output fixtures/toy-model`` (world "boxing")
+or ``--world misused --output fixtures/toy-misused`` (``trainer.toy.worlds``; its model serves world "absent" too).
 
 A Qwen2-architecture model (head_dim 64, a few layers) and a BPE tokenizer trained on the toy task's text,
-fitted by supervised learning on worked solutions (``trainer.toy``), deterministic from its seed, a few
-minutes on two CPU cores. In world "boxing" it learns the arithmetic and both answer endings in the proportions of
-the data, so it mostly does not box its answer: a model that holds the skill but seldom shows it, which RL then
-fixes. In world "misused" it boxes every answer but mostly takes a wrong path on two of the three kinds.
+fitted by supervised learning on a world's worked solutions, deterministic from its seed, a few minutes on two
+CPU cores. In world "boxing" it learns the arithmetic and both answer endings in the proportions of the data, so
+it mostly does not box its answer: a model that holds the skill but seldom shows it, which RL then fixes. In
+world "misused" it boxes every answer but mostly takes a wrong path on two of the three kinds.
 The prompts are the trainer's plain template, so what it saw in pre-training is what the trainer asks.
 """
 
@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import TrainConfig
-from trainer.toy import write_jsonl
-from trainer.toy_worlds import world_splits
+from trainer.toy.worlds import world_splits, write_jsonl
 
 EOS = "<|endoftext|>"
 PLAIN_TEMPLATE = TrainConfig().plain_template
@@ -134,7 +133,7 @@ def pretrain(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.toy_pretrain", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m trainer.toy.pretrain", description=__doc__)
     parser.add_argument("--output", default="fixtures/toy-model")
     parser.add_argument("--world", choices=["boxing", "misused"], default="boxing", help="the pre-training corpus")
     parser.add_argument("--seed", type=int, default=0)

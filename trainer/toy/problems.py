@@ -1,81 +1,67 @@
-"""The toy world: multi-step arithmetic word problems with worked solutions, deterministic from a seed.
+"""The toy worlds' problem kinds: two-step arithmetic word problems with their worked steps, drawn from a
+``random.Random``. Each world (``trainer.toy.worlds``) picks its kinds, their wording and how the solution ends.
 
-``python -m trainer.toy_worlds data --world boxing --output data/toy`` writes ``train.jsonl`` and ``test.jsonl`` (fields
-``problem``, ``answer``, ``solution``), the format the trainer reads. Solutions end either with
-``The answer is \\boxed{N}.`` or with ``The answer is N.``; how often each problem type is boxed is what makes
-the pre-trained toy model (``trainer.toy_pretrain``) half-know the task: it can solve it, but for most types
-it rarely boxes its answer, so Math-Verify rarely credits it, the way the paper's base models hold a skill
-they seldom show.
+A kind's draws come in a fixed order (name, item, then its numbers): the shipped fixtures' splits are recorded
+from it, so a change of order, bound or wording changes every row after the first of that kind.
 """
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
+from typing import NamedTuple
 
 NAMES = ["Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gina", "Hugo", "Ivy", "Jack", "Kim", "Leo", "Mia", "Ned"]
 ITEMS = ["apple", "book", "coin", "pen", "shell", "card", "stone", "cookie", "marble", "stamp"]
-# Share of each problem type's solutions that box the answer (the rest say "The answer is N.").
-BOXED_SHARE = {"groups": 0.7, "shopping": 0.1, "sharing": 0.1}
 
 
-def _groups(rng: random.Random) -> tuple[str, list[str], int]:
+class Problem(NamedTuple):
+    question: str
+    steps: list[str]  # "a op b = r." each, the last one's r is ``result``
+    result: int  # what the steps arrive at: ``answer`` unless they take a wrong path
+    answer: int
+
+
+def groups(rng: random.Random, wrong: bool = False, away: bool = False) -> Problem:
+    """``a`` bags of ``b``; then ``c`` more found, or (``away``, world boxing's wording) given away. The wrong
+    path adds the bags where it should multiply."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(2, 9), rng.randint(2, 9)
-    c = rng.randint(1, a * b - 1)
-    question = f"{name} has {a} bags with {b} {item}s in each bag. {name} gives away {c} {item}s. " \
+    c = rng.randint(1, a * b - 1) if away else rng.randint(1, 9)
+    event, change = (f"gives away {c} {item}s", -c) if away else (f"finds {c} more {item}s", c)
+    question = f"{name} has {a} bags with {b} {item}s in each bag. {name} {event}. " \
                f"How many {item}s does {name} have now?"  # fmt: skip
-    return question, [f"{a} * {b} = {a * b}.", f"{a * b} - {c} = {a * b - c}."], a * b - c
+    first = a + b if wrong else a * b
+    steps = [f"{a} {'+' if wrong else '*'} {b} = {first}.", f"{first} {'-' if away else '+'} {c} = {first + change}."]
+    return Problem(question, steps, first + change, a * b + change)
 
 
-def _shopping(rng: random.Random) -> tuple[str, list[str], int]:
+def shopping(rng: random.Random, wrong: bool = False) -> Problem:
+    """``a`` then ``b`` items at ``c`` coins each. The wrong path adds the price where it should multiply."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(2, 9)
     question = f"{name} buys {a} {item}s and then {b} more {item}s. Each {item} costs {c} coins. " \
                f"How many coins does {name} pay?"  # fmt: skip
-    return question, [f"{a} + {b} = {a + b}.", f"{a + b} * {c} = {(a + b) * c}."], (a + b) * c
+    total = a + b + c if wrong else (a + b) * c
+    steps = [f"{a} + {b} = {a + b}.", f"{a + b} {'+' if wrong else '*'} {c} = {total}."]
+    return Problem(question, steps, total, (a + b) * c)
 
 
-def _sharing(rng: random.Random) -> tuple[str, list[str], int]:
+def sharing(rng: random.Random, wrong: bool = False) -> Problem:
+    """``friends * each`` items shared among ``friends``, then ``extra`` more each. It has no wrong path."""
+    assert not wrong, "sharing has no wrong path (its WRONG_SHARE is 0)"
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     friends, each, extra = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
-    total = friends * each
-    question = f"{name} has {total} {item}s and shares them equally among {friends} friends. " \
+    question = f"{name} has {friends * each} {item}s and shares them equally among {friends} friends. " \
                f"Then each friend finds {extra} more {item}s. How many {item}s does each friend have?"  # fmt: skip
-    return question, [f"{total} / {friends} = {each}.", f"{each} + {extra} = {each + extra}."], each + extra
+    steps = [f"{friends * each} / {friends} = {each}.", f"{each} + {extra} = {each + extra}."]
+    return Problem(question, steps, each + extra, each + extra)
 
 
-KINDS = {"groups": _groups, "shopping": _shopping, "sharing": _sharing}
-
-
-def make_problem(rng: random.Random) -> dict:
-    kind = rng.choice(sorted(KINDS))
-    question, steps, answer = KINDS[kind](rng)
-    ending = f"The answer is \\boxed{{{answer}}}." if rng.random() < BOXED_SHARE[kind] else f"The answer is {answer}."
-    return {"problem": question, "answer": str(answer), "solution": " ".join([*steps, ending]), "kind": kind}
-
-
-def make_splits(
-    train_size: int, test_size: int, seed: int = 0, problem=make_problem, exclude: set[str] = frozenset()
-) -> tuple[list[dict], list[dict]]:
-    """Disjoint splits of ``problem(rng)`` rows (no test question appears in train or in ``exclude``), the same
-    for the same arguments."""
-    rng = random.Random(seed)
-    train, seen = [], set(exclude)
-    while len(train) < train_size:
-        row = problem(rng)
-        train.append(row)
-        seen.add(row["problem"])
-    test = []
-    while len(test) < test_size:
-        row = problem(rng)
-        if row["problem"] not in seen:
-            test.append(row)
-            seen.add(row["problem"])
-    return train, test
-
-
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+def difference(rng: random.Random) -> Problem:
+    """How many more ``a`` than ``b`` (world absent's only kind), solved by subtraction. Two distinct names."""
+    first, second, item = *rng.sample(NAMES, 2), rng.choice(ITEMS)
+    b, more = rng.randint(2, 30), rng.randint(1, 9)
+    a = b + more
+    question = f"{first} has {a} {item}s and {second} has {b} {item}s. " \
+               f"How many more {item}s does {first} have than {second}?"  # fmt: skip
+    return Problem(question, [f"{a} - {b} = {more}."], more, more)
