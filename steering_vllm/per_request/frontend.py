@@ -15,13 +15,14 @@ requests that choose vectors (``refuse_choice``: they would silently get the eng
   the request in ``process_inputs`` with a clear error;
 - ``engine_core.get_output`` / ``abort_requests``: requests that finished or were aborted stop counting.
 
+The engine-core client's half is ``admission``: one core for both engines, with a thin shell for each.
+
 A request's vectors are fixed when it is admitted: replacing or removing its set later changes what new
 requests resolve to, never what it is served with (DESIGN.md §4).
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections import OrderedDict
 from contextvars import ContextVar
@@ -29,15 +30,9 @@ from contextvars import ContextVar
 from vllm.exceptions import VLLMValidationError
 
 from steering_vllm.config import per_request_options, steering_options
+from steering_vllm.per_request.admission import Admission, wrap_async_client, wrap_sync_client
 from steering_vllm.per_request.guard import START_WITH_SETS, STEERING_KEYS
-from steering_vllm.per_request.sets import (
-    CONFIG_KEY,
-    Configuration,
-    SteeringRowsExhausted,
-    SteeringSets,
-    parse_choice,
-    salted,
-)
+from steering_vllm.per_request.sets import CONFIG_KEY, Configuration, SteeringSets, parse_choice, salted
 from steering_vllm.vectors.steering_vectors import SteeringVectors, SteeringVectorsError
 
 # An HTTP request's steering choice, resolved once on arrival (``endpoint.SetAsModelMiddleware``) and used for
@@ -99,11 +94,14 @@ def install(engine) -> None:
     engine.steering_sets = sets = load_sets(vllm_config.model_config, vllm_config.additional_config)
     front = SteeringFrontEnd(sets, engine)
     _wrap_process_inputs(engine, front.resolve)
-    client = engine.engine_core
     if front.is_async:  # AsyncLLM
-        front.wrap_async_client(client)
+
+        def abort_output(request_ids):
+            engine.output_processor.abort_requests(request_ids, internal=True)
+
+        wrap_async_client(engine.engine_core, front.admission, abort_output)
     else:
-        front.wrap_sync_client(client)
+        wrap_sync_client(engine.engine_core, front.admission)
     engine.steering_front_end = front
 
 
@@ -161,8 +159,7 @@ class SteeringFrontEnd:
 
         self.is_async = isinstance(engine, AsyncLLM)
         self.known: OrderedDict[str, Configuration] = OrderedDict()  # recently resolved, by hash
-        self._freed: asyncio.Event | None = None
-        self._store_lock: asyncio.Lock | None = None
+        self.admission = Admission(sets, self.configuration_of)
 
     # ---- resolution (process_inputs) ---------------------------------------------------------------------
 
@@ -174,11 +171,8 @@ class SteeringFrontEnd:
             configuration = resolve_pinned(self.sets, params.extra_args)
         except ValueError as e:
             raise SteeringChoiceError(str(e)) from None
-        if not self.is_async and not self.sets.can_admit(configuration):
-            raise SteeringRowsExhausted(
-                f"this request needs a steering configuration of its own, and all {self.sets.max_configs} "
-                f"(max_steering_configs) are taken by requests already added; raise max_steering_configs"
-            )
+        if not self.is_async:  # AsyncLLM waits for a row when the client adds the request; LLM refuses it now
+            self.admission.refuse_when_full(configuration)
         params.extra_args = {**(params.extra_args or {}), CONFIG_KEY: configuration.content_hash}
         request.cache_salt = salted(configuration.content_hash, request.cache_salt)
         self.known[configuration.content_hash] = configuration
@@ -205,90 +199,3 @@ class SteeringFrontEnd:
                     f"steering: request {request.request_id}'s set changed while it was being admitted; send it again"
                 )
         return configuration
-
-    # ---- the engine core client --------------------------------------------------------------------------
-
-    def wrap_sync_client(self, client) -> None:
-        add, abort, get_output = client.add_request, client.abort_requests, client.get_output
-
-        def add_request(request):
-            try:
-                configuration = self.configuration_of(request)
-                if configuration is not None and self.sets.admit(request.request_id, configuration):
-                    self._store_sync(client, configuration)
-                add(request)
-            except BaseException:
-                self.sets.release([request.request_id])
-                raise
-
-        def abort_requests(request_ids):
-            abort(request_ids)
-            self.sets.release(request_ids)
-
-        def get_output_sync():
-            outputs = get_output()
-            self.sets.release([o.request_id for o in outputs.outputs if o.finished])
-            return outputs
-
-        client.add_request, client.abort_requests, client.get_output = add_request, abort_requests, get_output_sync
-
-    def _store_sync(self, client, configuration: Configuration) -> None:
-        payload = configuration.to_bytes()
-        client.collective_rpc("steering_store_configuration", args=(configuration.content_hash, payload))
-        forget = self.sets.mark_stored(configuration)
-        if forget:
-            client.collective_rpc("steering_forget_configurations", args=(forget,))
-
-    def wrap_async_client(self, client) -> None:
-        add, abort, get_output = client.add_request_async, client.abort_requests_async, client.get_output_async
-
-        async def add_request_async(request):
-            configuration = self.configuration_of(request)
-            if configuration is not None:
-                try:
-                    await self._admit_async(client, request.request_id, configuration)
-                except BaseException:
-                    self.sets.release([request.request_id])
-                    self.engine.output_processor.abort_requests([request.request_id], internal=True)
-                    raise
-            try:
-                await add(request)
-            except BaseException:
-                self.sets.release([request.request_id])
-                raise
-
-        async def abort_requests_async(request_ids):
-            await abort(request_ids)
-            self._released(request_ids)
-
-        async def get_output_async_():
-            outputs = await get_output()
-            self._released([o.request_id for o in outputs.outputs if o.finished])
-            return outputs
-
-        client.add_request_async = add_request_async
-        client.abort_requests_async = abort_requests_async
-        client.get_output_async = get_output_async_
-
-    def _released(self, request_ids) -> None:
-        if self.sets.release(request_ids) and self._freed is not None:
-            self._freed.set()
-
-    async def _admit_async(self, client, request_id: str, configuration: Configuration) -> None:
-        while not self.sets.can_admit(configuration):  # wait for a live configuration to end, as LoRA waits
-            if self._freed is None:
-                self._freed = asyncio.Event()
-            self._freed.clear()
-            await self._freed.wait()
-        if not self.sets.admit(request_id, configuration):
-            return
-        if self._store_lock is None:
-            self._store_lock = asyncio.Lock()
-        async with self._store_lock:  # one send per configuration, even when its first requests come together
-            if configuration.content_hash in self.sets.stored:
-                return
-            args = (configuration.content_hash, configuration.to_bytes())
-            await client.collective_rpc_async("steering_store_configuration", args=args)
-            forget = self.sets.mark_stored(configuration)
-            if forget:
-                await client.collective_rpc_async("steering_forget_configurations", args=(forget,))
