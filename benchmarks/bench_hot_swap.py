@@ -22,6 +22,12 @@ CPU), then, all in one run:
 
   python -m benchmarks.bench_hot_swap                       # 28 x 3584 (Qwen2.5-7B), 48 x 5120 (Qwen2.5-14B)
   python -m benchmarks.bench_hot_swap --restarts 10 --clients 16
+
+The table goes to benchmarks/results/hot_swap_cpu.json (hot_swap_gpu.json where torch sees a GPU), a row per
+shape; options that change what is measured (--shapes, --heads, --clients, --prompt-len, --max-tokens,
+--swap-interval) are appended to the name where they differ from the defaults (--clients 16:
+hot_swap_cpu_clients16), so such a run never overwrites the docs' table. The raw samples stay in each row, and
+in --output.
 """
 
 from __future__ import annotations
@@ -184,26 +190,47 @@ def summarize(shape: str, num_layers: int, hidden_size: int, measured: dict) -> 
             "swaps": len(measured["idle_llm"]), "busy_swaps": len(busy), "raw": measured}  # fmt: skip
 
 
-def table(rows: list[dict], workload: str = "") -> str:
-    first = rows[0]
-    lines = [f"Medians; idle: {first['swaps']} swaps each; while serving: {first['busy_swaps']} swaps{workload}; "
-             f"restart: {first['restarts']} engine starts", "",
-             "| vectors | layers x d | bytes | idle swap, `LLM` ms | idle swap, `AsyncLLM` ms | swap while serving ms "
-             "(max) | requests running | until they stream again ms | restart s | restart / idle swap "
-             "| restart / swap while serving |",
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+NAMES = {"qwen2.5-7b": "Qwen2.5-7B", "qwen2.5-14b": "Qwen2.5-14B"}
+COLUMNS = [
+    ("vectors", "vectors", ""), ("layers", "layers", ""), ("hidden_size", "d", ""), ("bytes", "bytes", ","),
+    ("idle_llm_ms", "idle swap, `LLM` ms", ".2f"), ("idle_async_ms", "idle swap, `AsyncLLM` ms", ".2f"),
+    ("busy_ms", "swap while serving ms", ".2f"), ("busy_max_ms", "swap while serving, max ms", ".2f"),
+    ("requests_running", "requests running", ""), ("streamed_again_ms", "until they stream again ms", ".0f"),
+    ("restart_s", "restart s", ".1f"), ("restart_vs_idle", "restart / idle swap", ",.0f}x"),
+    ("restart_vs_busy", "restart / swap while serving", ",.0f}x"),
+]  # fmt: skip
+MEASURED = ("shapes", "heads", "clients", "prompt_len", "max_tokens", "swap_interval")
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """``summarize``'s rows with what the table shows beside them: the model's name, the range of requests running
+    at the swaps, and the restart's ratios to the swaps (all measured in this run)."""
+    table = []
     for r in rows:
         low, high = r["running"]
-        running = f"{low}" if low == high else f"{low}-{high}"
-        lines.append(f"| {r['shape']} | {r['layers']} x {r['hidden_size']} | {r['bytes']:,} | {r['idle_llm_ms']:.2f} "
-                     f"| {r['idle_async_ms']:.2f} | {r['busy_ms']:.2f} ({r['busy_max_ms']:.2f}) | {running} "
-                     f"| {r['streamed_again_ms']:.0f} | {r['restart_s']:.1f} "
-                     f"| {1e3 * r['restart_s'] / r['idle_llm_ms']:,.0f}x "
-                     f"| {1e3 * r['restart_s'] / r['busy_ms']:,.0f}x |")  # fmt: skip
-    return "\n".join(lines)
+        table.append({**r, "vectors": NAMES.get(r["shape"], r["shape"]),
+                      "requests_running": f"{low}" if low == high else f"{low}-{high}",
+                      "restart_vs_idle": 1e3 * r["restart_s"] / r["idle_llm_ms"],
+                      "restart_vs_busy": 1e3 * r["restart_s"] / r["busy_ms"]})  # fmt: skip
+    return table
 
 
-def _arguments() -> argparse.Namespace:
+def record_table(rows: list[dict], args, parser) -> tuple[str, str]:
+    """Record the table of ``summarize``'s rows as hot_swap_DEVICE[_OPTIONVALUE...]; (name, title)."""
+    from benchmarks.results import device, record, variant
+
+    first = rows[0]
+    workload = (f"{args.clients} clients streaming, {args.prompt_len}-token prompts, {args.max_tokens} new tokens "
+                f"each, a new request as each ends; {args.swap_interval} s of serving between swaps")  # fmt: skip
+    title = (f"Hot swap against a restart: engines of each shape (dummy bf16 weights, {args.heads} attention "
+             f"head(s) of 64, eager); medians; idle: {first['swaps']} swaps each; while serving: "
+             f"{first['busy_swaps']} swaps ({workload}); restart: {first['restarts']} engine starts")  # fmt: skip
+    name = variant(f"hot_swap_{device()}", parser, args, MEASURED)
+    record(name, title, COLUMNS, table_rows(rows))
+    return name, title
+
+
+def arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {sorted(SHAPES)}")
     parser.add_argument("--swaps", type=int, default=50, help="idle swaps per engine (after one warm-up)")
@@ -215,11 +242,11 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--swap-interval", type=float, default=0.5, help="seconds of serving between two swaps")
     parser.add_argument("--heads", type=int, default=1, help="attention heads (of 64) of the engines' layers")
     parser.add_argument("--output", type=Path, default=Path("runs/bench_hot_swap.json"))
-    return parser.parse_args()
+    return parser.parse_args(argv), parser
 
 
-def main() -> None:
-    args = _arguments()
+def main(argv: list[str] | None = None) -> None:
+    args, parser = arguments(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     set_vllm_log_level(None)  # warnings, unless $VLLM_LOGGING_LEVEL says otherwise
     import torch
@@ -239,9 +266,10 @@ def main() -> None:
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "raw"}), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(rows, indent=1))
-    workload = (f" ({args.clients} clients streaming, {args.prompt_len}-token prompts, {args.max_tokens} new tokens "
-                f"each, a new request as each ends; {args.swap_interval} s of serving between swaps)")  # fmt: skip
-    print("\n" + table(rows, workload))
+    from benchmarks.results import load, markdown
+
+    name, title = record_table(rows, args, parser)
+    print(f"\n{title}\n\n" + markdown(load(name)))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ and the same per byte for the backward, which moves 3 T d elements (dy, x in; g 
   python -m benchmarks.bench_kernel --repeats 3     # three runs of every ISA, taken in turn; per contender and
                                                     # row the median of the runs' medians (a burst of load
                                                     # from a neighbour on a shared machine moves one run)
+
+Each run records its two tables in benchmarks/results/kernel_cpu_forward.json and kernel_cpu_backward.json (the
+docs' tables, made with --repeats 3); a run of one ISA or of other shapes than the defaults appends those options
+to both names (--isa AVX2: kernel_cpu_forward_isaAVX2; --quick: kernel_cpu_forward_tokens16-4096_hidden3584), so
+it never overwrites them.
 """
 
 import argparse
@@ -237,40 +242,65 @@ def run_isa(args) -> dict:
     return results
 
 
-def _ratio(row: dict, name: str) -> str:
-    return "-" if row.get(name) is None else f"{row[name] / row['ours']:.2f}"
+def _ratio(row: dict, name: str) -> float | None:
+    return None if row.get(name) is None else row[name] / row["ours"]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    aligns = ["---" if h in ("ISA", "cache", "dtype") else "--:" for h in header]
-    return ["| " + " | ".join(cells) + " |" for cells in (header, aligns, *rows)]
+FORWARD_COLUMNS = [
+    ("isa", "ISA", ""), ("cache", "cache", ""), ("dtype", "dtype", ""), ("T", "T", ""), ("d", "d", ""),
+    ("ours_us", "ours µs", ".1f"), ("gb_s", "ours GB/s", ".1f"), ("of_ref", "of ref", ".2f"),
+    ("vs_compiled", "vs compiled", ".2f"), ("vs_eager", "vs eager", ".2f"), ("vs_naive", "vs naive", ".2f"),
+    ("vs_vllm", "vs vllm", ".2f"), ("vllm_a_a", "vllm A/A", ".2f"),
+]  # fmt: skip
+BACKWARD_COLUMNS = FORWARD_COLUMNS[:8] + [("vs_eager", "vs eager", ".2f"), ("vs_compiled", "vs compiled", ".2f")]
 
 
-def render(all_results: list[dict]) -> str:
-    """The README's two tables: forward and backward, a row group per ISA."""
+def tables(all_results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The rows of the two tables, forward and backward, a row group per ISA: the numbers they show, and each
+    contender's median seconds under "seconds"."""
 
-    def leading_cells(isa: str, r: dict, elements_per_td: int) -> list[str]:
+    def leading(isa: str, r: dict, elements_per_td: int) -> dict:
         nbytes = elements_per_td * r["T"] * r["d"] * (2 if r["dtype"] in ("bfloat16", "float16") else 4)
-        cells = [isa, r["cache"], r["dtype"], str(r["T"]), str(r["d"]), f"{r['ours'] * 1e6:.1f}"]
-        return cells + [f"{nbytes / r['ours'] / 1e9:.1f}"]
+        return {"isa": isa, "cache": r["cache"], "dtype": r["dtype"], "T": r["T"], "d": r["d"],
+                "ours_us": r["ours"] * 1e6, "gb_s": nbytes / r["ours"] / 1e9}  # fmt: skip
 
     forward, backward = [], []
     for res in all_results:
         for r in res["forward"]:
-            ratios = [_ratio(r, n) for n in ("ref", "compiled", "eager", "naive", "vllm")]
-            a_a = "-" if r.get("vllm_again") is None else f"{r['vllm_again'] / r['vllm']:.2f}"
-            forward.append(leading_cells(res["isa"], r, 4) + ratios + [a_a])
+            ratios = {f"vs_{n}": _ratio(r, n) for n in ("compiled", "eager", "naive", "vllm")}
+            a_a = None if r.get("vllm_again") is None else r["vllm_again"] / r["vllm"]
+            seconds = {n: r.get(n) for n in FORWARD}
+            forward.append({**leading(res["isa"], r, 4), "of_ref": _ratio(r, "ref"), **ratios, "vllm_a_a": a_a,
+                            "seconds": seconds})  # fmt: skip
         for r in res["backward"]:
-            of_ref = f"{0.75 * r['ref'] / r['ours']:.2f}"  # per byte: ours moves 3 T d elements, the swap 4 T d
-            backward.append(leading_cells(res["isa"], r, 3) + [of_ref, _ratio(r, "eager"), _ratio(r, "compiled")])
-    head = ["ISA", "cache", "dtype", "T", "d", "ours µs", "ours GB/s"]
-    lines = [
-        "Forward, in place: GB/s = 4 T d bytes / time; of ref, vs X = time(X) / time(ours): above 1, ours is faster"
-    ]
-    lines += [""] + _table(head + ["of ref", "vs compiled", "vs eager", "vs naive", "vs vllm", "vllm A/A"], forward)
-    lines += ["", "Backward (d_hidden = d_residual, d_table): GB/s = 3 T d bytes / time; of ref per byte", ""]
-    lines += _table(head + ["of ref", "vs eager", "vs compiled"], backward)
-    return "\n".join(lines)
+            of_ref = 0.75 * r["ref"] / r["ours"]  # per byte: ours moves 3 T d elements, the swap 4 T d
+            seconds = {n: r.get(n) for n in BACKWARD}
+            backward.append({**leading(res["isa"], r, 3), "of_ref": of_ref, "vs_eager": _ratio(r, "eager"),
+                             "vs_compiled": _ratio(r, "compiled"), "seconds": seconds})  # fmt: skip
+    return forward, backward
+
+
+def record_tables(all_results: list[dict], args, parser, repeats: int = 1) -> list[tuple[str, str]]:
+    """Record ``kernel_cpu_forward`` and ``kernel_cpu_backward`` (a run of one ISA or of other shapes than the
+    defaults: those names with the options appended, e.g. ``kernel_cpu_forward_isaAVX2``); [(name, title)]."""
+    from benchmarks.results import record, variant
+
+    forward, backward = tables(all_results)
+    isas = ", ".join(res["isa"] for res in all_results)
+    of_runs = f", median of {repeats} runs" if repeats > 1 else ""
+    setting = f"{isas}; {all_results[0]['threads']} threads, medians of {args.samples} samples{of_runs}"
+    made = []
+    for kind, rows, columns, what in (
+        ("forward", forward, FORWARD_COLUMNS, "Forward, in place: GB/s = 4 T d bytes / time; of ref, vs X = "
+         "time(X) / time(ours): above 1, ours is faster; vllm A/A = time(vllm again) / time(vllm)"),
+        ("backward", backward, BACKWARD_COLUMNS, "Backward (d_hidden = d_residual, d_table): GB/s = 3 T d bytes / "
+         "time; of ref per byte; vs X = time(X) / time(ours)"),
+    ):  # fmt: skip
+        name = variant(f"kernel_cpu_{kind}", parser, args, ("isa", "tokens", "hidden", "dtypes", "cache"))
+        title = f"Fused add + steer + RMSNorm on CPU. {what}. {setting}"
+        record(name, title, columns, rows)
+        made.append((name, title))
+    return made
 
 
 def median_of_runs(runs: list[dict]) -> dict:
@@ -295,7 +325,7 @@ def runnable_isas() -> list[str]:
     return [c for c in cpu_isa.CAPABILITIES if c != "DEFAULT" and c in built and cpu_isa.supported(c)]
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--isa", default="all", help="AVX2, AVX512, AVX512_BF16, DEFAULT or all (default)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 512, 4096])
@@ -306,38 +336,45 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="T in {16, 4096}, d = 3584")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every ISA, in turn; medians over them")
     parser.add_argument("--json", action="store_true", help="print the results as JSON (used between processes)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.quick:
         args.tokens, args.hidden = [16, 4096], [3584]
-
     if args.isa != "all":
-        os.environ["STEERING_VLLM_CPU_ISA"] = args.isa.upper()  # read when kernels loads its library
+        args.isa = args.isa.upper()
+    return args, parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks.results import load, markdown
+
+    args, parser = arguments(argv)
+    if args.isa != "all":
+        os.environ["STEERING_VLLM_CPU_ISA"] = args.isa  # read when kernels loads its library
         results = run_isa(args)
-        print(json.dumps(results) if args.json else render([results]), flush=True)
-        return
-
-    forwarded = ["--samples", str(args.samples), "--dtypes", *args.dtypes, "--cache", *args.cache]
-    forwarded += ["--tokens", *map(str, args.tokens), "--hidden", *map(str, args.hidden)]
-    isas = runnable_isas()
-    runs = {isa: [] for isa in isas}
-    for repeat in range(args.repeats):
-        for isa in isas:
-            print(f"--- {isa}, run {repeat + 1} of {args.repeats}", file=sys.stderr, flush=True)
-            out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.bench_kernel", "--isa", isa, "--json", *forwarded],
-                check=True,
-                stdout=subprocess.PIPE,
-                text=True,
-            ).stdout
-            runs[isa].append(json.loads(out.strip().splitlines()[-1]))
-    all_results = [median_of_runs(runs[isa]) for isa in isas]
-    import torch
-
-    of_runs = f", median of {args.repeats} runs" if args.repeats > 1 else ""
-    print(f"torch {torch.__version__}, {all_results[0]['threads']} threads, medians of {args.samples} samples{of_runs}")
-    print(render(all_results))
+        if args.json:
+            print(json.dumps(results), flush=True)
+            return
+        all_results = [results]
+    else:
+        forwarded = ["--samples", str(args.samples), "--dtypes", *args.dtypes, "--cache", *args.cache]
+        forwarded += ["--tokens", *map(str, args.tokens), "--hidden", *map(str, args.hidden)]
+        isas = runnable_isas()
+        runs = {isa: [] for isa in isas}
+        for repeat in range(args.repeats):
+            for isa in isas:
+                print(f"--- {isa}, run {repeat + 1} of {args.repeats}", file=sys.stderr, flush=True)
+                out = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.bench_kernel", "--isa", isa, "--json", *forwarded],
+                    check=True,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                ).stdout
+                runs[isa].append(json.loads(out.strip().splitlines()[-1]))
+        all_results = [median_of_runs(runs[isa]) for isa in isas]
+    for name, title in record_tables(all_results, args, parser, args.repeats if args.isa == "all" else 1):
+        print(f"\n{title}\n\n" + markdown(load(name)), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,12 @@ a row first) against one whose configuration is already in a row, medians of int
 
   python -m benchmarks.bench_per_request                        # Qwen2.5-0.5B shape, bf16, torch.compile
   python -m benchmarks.bench_per_request --shape qwen2.5-7b     # full size, on a GPU
+
+The two tables go to benchmarks/results/per_request_cpu.json (throughput) and per_request_cpu_first_token.json
+(cpu -> gpu where torch sees a GPU); options that change what is measured (--shape, --layers, --dtype, --batch,
+--prompt-len, --max-tokens, --eager) are appended to both names where they differ from the defaults (--shape
+qwen2.5-7b on a GPU: per_request_gpu_shapeqwen2.5-7b.json), so such a run never overwrites the docs' tables.
+Each row keeps its samples (tokens/s of every round, seconds of every first token).
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ def engine_process(kind: str, model_dir: str, paths: dict, engine_kwargs: dict, 
         outputs = llm.generate(batch, params, use_tqdm=False)
         seconds = time.perf_counter() - start
         conn.send((sum(len(o.outputs[0].token_ids) for o in outputs), seconds))
+    # without it the engine core outlives this function: the join below times out and the interpreter's exit then
+    # waits minutes for the engine processes, which end in "Executor failed" tracebacks
+    llm.llm_engine.engine_core.shutdown()
 
 
 def choices_for(kind: str, batch: int, mix: int) -> list[dict | None]:
@@ -74,7 +83,7 @@ def choices_for(kind: str, batch: int, mix: int) -> list[dict | None]:
     return [{"steering": f"s{i % mix}"} for i in range(batch)]
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--layers", type=int, help="keep only this many layers of the shape")
@@ -85,7 +94,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="timed rounds per engine and mix (after a warm-up)")
     parser.add_argument("--ttft-pairs", type=int, default=10, help="new-vs-known configuration first-token pairs")
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: torch.compile)")
-    args = parser.parse_args()
+    return parser.parse_args(argv), parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, parser = arguments(argv)
 
     import torch
 
@@ -143,23 +156,57 @@ def main() -> None:
             conn.send(None)
             process.join(timeout=60)
 
-    mode = "eager" if args.eager else "torch.compile"
-    print(f"\n{args.shape} ({shape[0]} layers, d={shape[1]}), {args.dtype}, {mode}, dummy weights; {args.batch} "
-          f"requests x {args.prompt_len} prompt tokens -> {args.max_tokens} greedy tokens, fresh prompts every round, "
-          f"{args.rounds} rounds")  # fmt: skip
+    from benchmarks.results import load, markdown
+
+    for name, title in record_tables(rates, ttft, shape, args, parser):
+        print(f"\n{title}\n\n" + markdown(load(name)))
+
+
+MEASURED = ("shape", "layers", "dtype", "batch", "prompt_len", "max_tokens", "eager")
+THROUGHPUT_COLUMNS = [
+    ("engine", "engine", ""), ("configurations", "configurations in the batch", ""),
+    ("tokens_per_s", "output tokens/s (median)", ".1f"), ("ratio_of_medians", "vs global (ratio of medians)", ".3f"),
+    ("median_of_ratios", "vs global (median of round ratios)", ".3f"),
+]  # fmt: skip
+FIRST_TOKEN_COLUMNS = [("configuration", "configuration", ""), ("ms", "first token ms (median)", ".1f"),
+                       ("vs_known", "vs one already in a row", ".2f}x")]  # fmt: skip
+
+
+def record_tables(rates: dict, ttft: dict, shape: tuple[int, int], args, parser) -> list[tuple[str, str]]:
+    """Record the throughput table (``rates``: {(engine, configurations): [tokens/s of each round]}) as
+    per_request_DEVICE[_OPTIONVALUE...] and the first-token one (``ttft``: {"known" | "new": [seconds]}) as
+    per_request_DEVICE_first_token[...]; [(name, title)]."""
+    from benchmarks.results import device, record, variant
+
     base = statistics.median(rates[("global", 1)])
-    print("| engine | configurations in the batch | output tokens/s (median) | vs global (ratio of medians) "
-          "| vs global (median of round ratios) |")  # fmt: skip
-    print("|---|--:|--:|--:|--:|")
-    for kind, mix in columns:
-        median = statistics.median(rates[(kind, mix)])
-        paired = statistics.median(a / b for a, b in zip(rates[(kind, mix)], rates[("global", 1)], strict=True))
-        label = "0 (stock)" if kind == "stock" else str(mix)
-        print(f"| {kind} | {label} | {median:.1f} | {median / base:.3f} | {paired:.3f} |")
-    known, new = statistics.median(ttft["known"]), statistics.median(ttft["new"])
-    print(f"\nfirst token ({args.prompt_len}-token prompt, 1 token), medians of {args.ttft_pairs} interleaved pairs: "
-          f"known configuration {known * 1e3:.1f} ms, new configuration {new * 1e3:.1f} ms, "
-          f"ratio {new / known:.3f}")  # fmt: skip
+    throughput = []
+    for (kind, mix), rounds in rates.items():
+        median = statistics.median(rounds)
+        paired = statistics.median(a / b for a, b in zip(rounds, rates[("global", 1)], strict=True))
+        throughput.append({"engine": kind, "configurations": "0 (stock)" if kind == "stock" else mix,
+                           "tokens_per_s": median, "ratio_of_medians": median / base, "median_of_ratios": paired,
+                           "rounds": rounds})  # fmt: skip
+    known = statistics.median(ttft["known"])
+    first_token = [{"configuration": label, "ms": 1e3 * statistics.median(ttft[which]),
+                    "vs_known": statistics.median(ttft[which]) / known, "seconds": ttft[which]}
+                   for which, label in (("known", "already in a row"), ("new", "new to the engine"))]  # fmt: skip
+    mode = "eager" if args.eager else "torch.compile"
+    setting = f"{args.shape} ({shape[0]} layers, d={shape[1]}), {args.dtype}, {mode}, dummy weights"
+    tables = [
+        ("", throughput, THROUGHPUT_COLUMNS,
+         f"Per-request sets: {setting}; {args.batch} requests x {args.prompt_len} prompt tokens -> "
+         f"{args.max_tokens} greedy tokens, fresh prompts every round, {args.rounds} rounds, interleaved"),
+        ("_first_token", first_token, FIRST_TOKEN_COLUMNS,
+         f"First token of a one-token request ({args.prompt_len}-token prompt) whose configuration is already in a "
+         "row or new to the engine (its vectors sent to the workers and written into a row first): "
+         f"{setting}; medians of {args.ttft_pairs} interleaved pairs"),
+    ]  # fmt: skip
+    made = []
+    for table, rows, columns, title in tables:
+        name = variant(f"per_request_{device()}{table}", parser, args, MEASURED)
+        record(name, title, columns, rows)
+        made.append((name, title))
+    return made
 
 
 def _label(kind: str, mix: int) -> str:

@@ -17,6 +17,11 @@ engine (``stock-2``, on by default) is the A/A control: its ratio to stock is th
   python -m benchmarks.bench_serving                         # Qwen2.5-0.5B shape, bf16, torch.compile on
   python -m benchmarks.bench_serving --shape qwen2.5-1.5b --layers 4
   python -m benchmarks.bench_serving --shape qwen2.5-7b      # full size, on a GPU
+
+The table goes to benchmarks/results/serving_cpu.json (serving_gpu.json where torch sees a GPU); options that
+change what is measured (--shape, --layers, --dtype, --batch, --prompt-len, --max-tokens, --eager, --kinds) are
+appended to the name where they differ from the defaults: --eager writes serving_cpu_eager.json, --shape
+qwen2.5-7b on a GPU serving_gpu_shapeqwen2.5-7b.json. Each row keeps its engine's rate of every round.
 """
 
 from __future__ import annotations
@@ -113,7 +118,7 @@ def engine_process(kind: str, model_dir: str, vectors_path: str, engine_kwargs: 
         conn.send((sum(len(o.outputs[0].token_ids) for o in outputs), seconds))
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--layers", type=int, help="keep only this many layers of the shape")
@@ -124,7 +129,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds per engine (after one warm-up)")
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: torch.compile, vLLM's default)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="engines to compare (the first is the baseline)")
-    args = parser.parse_args()
+    return parser.parse_args(argv), parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, parser = arguments(argv)
 
     import torch
 
@@ -169,19 +178,38 @@ def main() -> None:
             conn.send(None)
             process.join(timeout=60)
 
-    base = kinds[0]
+    from benchmarks.results import load, markdown
+
+    name, title = record_table(rates, config, args, parser)
+    print(f"\n{title}\n\n" + markdown(load(name)))
+
+
+MEASURED = ("shape", "layers", "dtype", "batch", "prompt_len", "max_tokens", "eager", "kinds")
+
+
+def record_table(rates: dict[str, list[float]], config: dict, args, parser) -> tuple[str, str]:
+    """Record each engine's median output tokens/s and its ratio to the first (``rates``: {engine: [tokens/s of
+    each round]}) as serving_DEVICE[_OPTIONVALUE...]; (name, title)."""
+    from benchmarks.results import device, record, variant
+
+    base = next(iter(rates))
+    base_median, rows = statistics.median(rates[base]), []
+    for kind, rounds in rates.items():
+        median = statistics.median(rounds)
+        paired = statistics.median(a / b for a, b in zip(rounds, rates[base], strict=True))
+        rows.append({"engine": kind, "tokens_per_s": median, "ratio_of_medians": median / base_median,
+                     "median_of_ratios": paired, "rounds": rounds})  # fmt: skip
+    columns = [("engine", "engine", ""), ("tokens_per_s", "output tokens/s (median)", ".1f"),
+               ("ratio_of_medians", f"vs {base} (ratio of medians)", ".3f"),
+               ("median_of_ratios", f"vs {base} (median of round ratios)", ".3f")]  # fmt: skip
     mode = "eager" if args.eager else "torch.compile"
-    layers = config["num_hidden_layers"]
-    workload = (f"{args.batch} prompts x {args.prompt_len} tokens -> {args.max_tokens} greedy tokens, fresh prompts "
-                "every round (new random ids, same lengths: no prefix-cache reuse across rounds)")  # fmt: skip
-    print(f"\n{args.shape} ({layers} layers, d={config['hidden_size']}), {args.dtype}, {mode}, dummy weights, ", end="")
-    print(f"{workload}, {args.rounds} rounds")
-    print(f"| engine | output tokens/s (median) | vs {base} (ratio of medians) | vs {base} (median of round ratios) |")
-    print("|---|---:|---:|---:|")
-    for kind in kinds:
-        median = statistics.median(rates[kind])
-        paired = statistics.median(a / b for a, b in zip(rates[kind], rates[base], strict=True))
-        print(f"| {kind} | {median:.1f} | {median / statistics.median(rates[base]):.3f} | {paired:.3f} |")
+    title = (f"{args.shape} ({config['num_hidden_layers']} layers, d={config['hidden_size']}), {args.dtype}, {mode}, "
+             f"dummy weights, {args.batch} prompts x {args.prompt_len} tokens -> {args.max_tokens} greedy tokens, "
+             "fresh prompts every round (new random ids, same lengths: no prefix-cache reuse across rounds), "
+             f"{args.rounds} rounds, interleaved")  # fmt: skip
+    name = variant(f"serving_{device()}", parser, args, MEASURED)
+    record(name, title, columns, rows)
+    return name, title
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ engine), and its table says so. Ratios against steering side by side. The ``toy`
 
   python -m benchmarks.bench_training            # toy, qwen2.5-0.5b (fp32), qwen2.5-1.5b (bf16 here), ~20 min CPU
   python -m benchmarks.bench_training --shapes qwen2.5-7b --batch 8x1024  # on a GPU
+
+Each shape's table goes to benchmarks/results/training_cost_DEVICE_SHAPE.json (DEVICE: cpu, or gpu where torch
+sees one; e.g. training_cost_cpu_qwen2.5-0.5b.json), a row per quantity, a column per kind; options that change
+what is measured (--kinds, --batch other than the device's default, --toy-batch for the toy shape, --dtype for the
+real shapes, --lora-rank, --no-sync) are appended to the name where they differ from the defaults, so such a run
+never overwrites the docs' tables. The raw samples of every kind go to --output.
 """
 
 from __future__ import annotations
@@ -268,55 +274,64 @@ def _in_fresh_process(function, *arguments):
         return pool.submit(function, *arguments).result()
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-
-
 SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
 
-def table(rows: list[dict]) -> str:
+def table_rows(rows: list[dict]) -> tuple[list[tuple[str, str, str]], list[dict]]:
+    """(columns, rows) of one shape's table: a row per quantity, its value for each kind (formatted by the row's
+    own spec) and its ratio to steering's, measured in the same run; a quantity not measured (peak memory on CPU,
+    the sync under --no-sync) has no row."""
     kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
     by_kind = {r["kind"]: {**r, "total": None if r["sync"] is None else r["step"] + r["sync"]} for r in rows}
-    lines = [_heading(rows), "",
-             "| | " + " | ".join(NAMES[k] for k in kinds) + " | "
-             + " | ".join(f"{NAMES[k]} / Steering" for k in kinds if k != "steering") + " |",
-             "|---|" + "---:|" * (2 * len(kinds) - 1),
-             "| learner / engine dtype | " + " | ".join(_dtypes(by_kind[k]) for k in kinds) + " |"
-             + " |" * (len(kinds) - 1)]  # fmt: skip
+    others = [k for k in kinds if k != "steering"]
+    columns = [("quantity", "", "")] + [(k, NAMES[k], "@format") for k in kinds]
+    columns += [(f"{k}_vs_steering", f"{NAMES[k]} / Steering", ",.1f}x") for k in others]
+    table = [{"quantity": "learner / engine dtype", "format": "", **{k: _dtypes(by_kind[k]) for k in kinds}}]
+    for label, key, spec in (
+        ("trainable parameters", "parameters", ","),
+        ("optimizer state (bytes)", "optimizer_bytes", ","),
+        ("**learner step (s), median of whole steps**", "step", ".4f"),
+        ("- forward (s), median of the phase", "forward", ".4f"),
+        ("- backward (s), median of the phase", "backward", ".4f"),
+        ("- optimizer step (s), median of the phase", "optimizer", ".4f"),
+        ("sync into vLLM (s)", "sync", ".4f"),
+        ("learner step + sync (s)", "total", ".4f"),
+        ("learner peak memory (GiB)", "peak_gib", ".1f"),
+    ):
+        values = {k: by_kind[k][key] for k in kinds}
+        if any(v is None for v in values.values()):
+            continue
+        steering = values.get("steering")
+        ratios = {f"{k}_vs_steering": values[k] / steering if steering else None for k in others}
+        table.append({"quantity": label, "format": spec, **values, **ratios})
+    return columns, table
 
-    def line(label, key, fmt):
-        values = [by_kind[k][key] for k in kinds]
-        if any(v is None for v in values):
-            return
-        ratios = [f"{by_kind[k][key] / by_kind['steering'][key]:,.1f}x" if by_kind["steering"][key] else "-"
-                  for k in kinds if k != "steering"]  # fmt: skip
-        lines.append(f"| {label} | " + " | ".join(fmt(v) for v in values) + " | " + " | ".join(ratios) + " |")
 
-    seconds = lambda v: f"{v:.4f}"  # noqa: E731
-    line("trainable parameters", "parameters", lambda v: f"{v:,}")
-    line("optimizer state", "optimizer_bytes", _bytes)
-    line("**learner step (s), median of whole steps**", "step", seconds)
-    line("- forward (s), median of the phase", "forward", seconds)
-    line("- backward (s), median of the phase", "backward", seconds)
-    line("- optimizer step (s), median of the phase", "optimizer", seconds)
-    line("sync into vLLM (s)", "sync", seconds)
-    line("learner step + sync (s)", "total", seconds)
-    line("learner peak memory (GiB)", "peak_gib", lambda v: f"{v:.1f}")
-    return "\n".join(lines)
+def record_tables(rows: list[dict], args, parser) -> list[tuple[str, str]]:
+    """Record each shape's table as training_cost_DEVICE_SHAPE[_OPTIONVALUE...]; [(name, title)]."""
+    from benchmarks.results import device, record, variant
+
+    made = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        of_shape = [r for r in rows if r["shape"] == shape]
+        options = ("kinds", "toy_batch") if shape == "toy" else ("kinds", "batch", "dtype")
+        name = variant(f"training_cost_{device()}_{shape}", parser, args, (*options, "lora_rank", "no_sync"))
+        syncs = "" if args.no_sync else f" and {args.sync_steps} syncs"
+        title = f"One RL step, steering vs full fine-tune vs LoRA, {shape}: medians of {args.steps} steps{syncs}"
+        columns, table = table_rows(of_shape)
+        record(name, title, columns, table, notes=_heading(of_shape) + ".")
+        made.append((name, title))
+    return made
 
 
 def _heading(rows: list[dict]) -> str:
     first = rows[0]
     option = first.get("dtype_option", "auto")
     precision = ("the trainer's default precision (`dtype: auto`)" if option == "auto"
-                 else f"**{SHORT.get(option, option)}** (`dtype: {option}`)")  # fmt: skip
+                 else f"{SHORT.get(option, option)} (`dtype: {option}`)")  # fmt: skip
     note = f"; {first['dtype_note']}" if first.get("dtype_note") else ""
-    return (f"**{first['shape']}** ({first['model_parameters'] / 1e6:,.1f}M parameters, batch {first['batch']} "
-            f"tokens), {precision}{note}")  # fmt: skip
+    return (f"{first['shape']} ({first['model_parameters'] / 1e6:,.1f}M parameters, batch {first['batch']} tokens), "
+            f"{precision}{note}")  # fmt: skip
 
 
 def _dtypes(row: dict) -> str:
@@ -324,7 +339,7 @@ def _dtypes(row: dict) -> str:
     return learner if engine in (None, learner) else f"{learner} / {engine}"
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shapes_help = f"comma-separated: toy, {', '.join(SHAPES)}"
     parser.add_argument("--shapes", default="toy,qwen2.5-0.5b,qwen2.5-1.5b", help=shapes_help)
@@ -338,19 +353,31 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=1)
     parser.add_argument("--no-sync", action="store_true", help="skip the engine (learner only)")
     parser.add_argument("--output", type=Path, default=Path("runs/bench_training.json"))
-    args = parser.parse_args()
+    return parser.parse_args(argv), parser
+
+
+def plan(args, workdir: Path) -> tuple[list[str], list[str]]:
+    """(shapes, kinds) to measure; sets ``args.batch_for`` and ``args.dtype_for``: {shape: (B, T)} and {shape:
+    (dtype option, why it is not auto)}, and clears ``args.batch`` where it is the device's default anyway."""
+    default_batch = "8x1024" if torch.cuda.is_available() else "1x256"
+    real_batch = args.batch or default_batch
+    if args.batch == default_batch:
+        args.batch = None  # the device's default: the result's name does not say it
+    parse = lambda text: tuple(int(v) for v in text.lower().split("x"))  # noqa: E731
+    shapes, kinds = args.shapes.split(","), args.kinds.split(",")
+    args.batch_for = {s: parse(args.toy_batch if s == "toy" else real_batch) for s in shapes}
+    args.dtype_for = {s: shape_dtype(s, "auto" if s == "toy" else args.dtype, kinds, workdir) for s in shapes}
+    return shapes, kinds
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, parser = arguments(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     set_vllm_log_level(None)  # warnings, unless $VLLM_LOGGING_LEVEL says otherwise
-    real_batch = args.batch or ("8x1024" if torch.cuda.is_available() else "1x256")
-    parse = lambda text: tuple(int(v) for v in text.lower().split("x"))  # noqa: E731
-    shapes = args.shapes.split(",")
-    args.batch_for = {s: parse(args.toy_batch if s == "toy" else real_batch) for s in shapes}
-    kinds = args.kinds.split(",")
-
     workdir = Path(tempfile.mkdtemp(prefix="bench_training_"))
     rows = []
     try:
-        args.dtype_for = {s: shape_dtype(s, "auto" if s == "toy" else args.dtype, kinds, workdir) for s in shapes}
+        shapes, kinds = plan(args, workdir)
         for shape in shapes:
             for kind in kinds:
                 row = measure(shape, kind, args, workdir)
@@ -360,8 +387,10 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(rows, indent=1))
-    for shape in shapes:
-        print("\n" + table([r for r in rows if r["shape"] == shape]))
+    from benchmarks.results import load, markdown
+
+    for name, title in record_tables(rows, args, parser):
+        print(f"\n{title}\n\n" + markdown(load(name)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,12 @@ date, machine, versions and every row), and the docs' tables are generated from 
 
 A result file: ``{"name", "title", "command", "commit", "date", "machine": {...}, "versions": {...},
 "columns": [[key, header, format], ...], "rows": [{key: value}, ...], "notes": str}``; ``format`` is a Python
-format spec applied to numbers (``".2f"``, ``".2f}x"`` appends an x), or empty for text.
+format spec applied to numbers (``".2f"``, ``".2f}x"`` appends an x), empty for text, or ``"@KEY"``: each row's own
+spec, in its KEY (a table whose rows are different quantities). A value of None reads "-"; a key a row lacks, "".
+A row may hold more than its columns show (the raw samples, each contender's time): they stay in the file.
+
+A benchmark whose options change what it measures names its file after the device and those options
+(``variant``), so that a run at another size, or on a GPU, does not overwrite the table the docs show.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# $STEERING_BENCH_RESULTS_DIR sends them elsewhere: a trial run that must not replace the measured files
+RESULTS_DIR = Path(os.environ.get("STEERING_BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict:
@@ -33,7 +40,29 @@ def machine() -> dict:
     except OSError:
         pass
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16") if f in flags]
-    return {"cpu": model, "isa_flags": isa, "cores": len(os.sched_getaffinity(0)), "platform": platform.platform()}
+    found = {"cpu": model, "isa_flags": isa, "cores": len(os.sched_getaffinity(0)), "platform": platform.platform()}
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        found["gpu"] = sys.modules["torch"].cuda.get_device_name()
+    return found
+
+
+def device() -> str:
+    """Where the benchmark ran: ``"gpu"`` where torch sees CUDA (vLLM and the trainer use it), else ``"cpu"``."""
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def variant(base: str, parser, args, options: tuple[str, ...]) -> str:
+    """``base``, then ``_OPTIONVALUE`` (``_OPTION`` for a flag) for each of ``options`` (argparse dests) whose
+    value in ``args`` is not the parser's default: the result name of a run at other settings than the docs'."""
+    name = base
+    for option in options:
+        value = getattr(args, option)
+        if value != parser.get_default(option):
+            text = "" if value is True else "-".join(map(str, value)) if isinstance(value, list) else str(value)
+            name += "_" + option + re.sub(r"[^\w.-]+", "-", text)
+    return name
 
 
 def versions() -> dict:
@@ -51,9 +80,9 @@ def versions() -> dict:
 def _commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=RESULTS_DIR.parent).stdout.strip()  # fmt: skip
+                              cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=RESULTS_DIR.parent).stdout.strip()  # fmt: skip
+                               text=True, cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
         return head + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -73,7 +102,7 @@ def record(name: str, title: str, columns: list[tuple[str, str, str]], rows: lis
         "rows": rows,
         "notes": notes,
     }
-    RESULTS_DIR.mkdir(exist_ok=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"results: {path}")
@@ -81,6 +110,8 @@ def record(name: str, title: str, columns: list[tuple[str, str, str]], rows: lis
 
 
 def _cell(value, spec: str) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, (int, float)) and not isinstance(value, bool) and spec:
         number_spec, _, suffix = spec.partition("}")
         return format(value, number_spec) + suffix
@@ -92,11 +123,13 @@ def markdown(result: dict) -> str:
     columns = result["columns"]
     lines = ["| " + " | ".join(header for _, header, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in result["rows"]:
-        lines.append("| " + " | ".join(_cell(row.get(key, ""), spec) for key, _, spec in columns) + " |")
+        cells = [_cell(row.get(key, ""), row.get(spec[1:], "") if spec.startswith("@") else spec)
+                 for key, _, spec in columns]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     m = result["machine"]
     isa = ", ".join(m["isa_flags"]) or "no AVX"
     stack = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
-    where = f"{m['cpu']} ({m['cores']} cores, {isa})"
+    where = (f"{m['gpu']}, " if m.get("gpu") else "") + f"{m['cpu']} ({m['cores']} cores, {isa})"
     made = f"`{result['command']}` at {result['commit']}, {result['date']}; {where}, {stack}"
     notes = f" {result['notes']}" if result.get("notes") else ""
     return "\n".join(lines) + f"\n\n<sub>{made}.{notes}</sub>"

@@ -1,10 +1,13 @@
 """The kernel benchmark measures what it says: cold pools really exceed the cache, every set is used, and the
-in-place contenders (eager and compiled) compute the op, so a ratio against them compares equal work."""
+in-place contenders (eager and compiled) compute the op, so a ratio against them compares equal work; a run records
+its two tables, a row per ISA and case, under names of their own for one ISA or other shapes."""
+
+import itertools
 
 import pytest
 import torch
 
-from benchmarks import bench_kernel
+from benchmarks import bench_kernel, results
 from kernels import fused_add_steer_rms_norm_reference
 
 
@@ -44,20 +47,70 @@ def test_in_place_contenders_compute_the_op(dtype):
     assert torch.equal(a, residual) and torch.equal(b, hidden)
 
 
-def test_render_divides_each_contender_by_ours_and_the_a_a_control_by_vllm():
+def _cells(name: str, row: int = 0) -> dict:
+    """{header: cell} of a row of the recorded table ``name``."""
+    lines = results.markdown(results.load(name)).splitlines()
+    header, cells = (line.split("|")[1:-1] for line in (lines[0], lines[2 + row]))
+    return dict(zip([c.strip() for c in header], [c.strip() for c in cells], strict=True))
+
+
+def _results(isa: str, args, with_vllm: bool = True) -> dict:
+    """What run_isa returns for ``args``' rows, with made-up times."""
+    results_ = {"isa": isa, "threads": 2, "forward": [], "backward": []}
+    for kind, names in (("forward", bench_kernel.FORWARD), ("backward", bench_kernel.BACKWARD)):
+        for dtype, d, T, cache in itertools.product(args.dtypes, args.hidden, args.tokens, args.cache):
+            times = {n: (i + 1) * 1e-6 if with_vllm or "vllm" not in n and n != "naive" else None
+                     for i, n in enumerate(names)}  # fmt: skip
+            results_[kind].append({"cache": cache, "dtype": dtype, "T": T, "d": d, **times})
+    return results_
+
+
+def test_the_tables_divide_each_contender_by_ours_and_the_a_a_control_by_vllm():
     forward = {"cache": "cold", "dtype": "float32", "T": 16, "d": 1536, "ours": 2e-6, "vllm": 3e-6, "naive": 4e-6}
     forward |= {"eager": 5e-6, "compiled": 6e-6, "ref": 1e-6, "vllm_again": 3.3e-6}
     backward = {"cache": "cold", "dtype": "float32", "T": 16, "d": 1536, "ours": 4e-6, "eager": 8e-6}
     backward |= {"compiled": 6e-6, "ref": 2e-6}
-    table = bench_kernel.render([{"isa": "AVX2", "forward": [forward], "backward": [backward]}])
-    lines = table.splitlines()
-    header = next(line for line in lines if "vllm A/A" in line)
-    row = lines[lines.index(header) + 2]
-    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")], strict=True))
+    args, parser = bench_kernel.arguments([])
+    run = {"isa": "AVX2", "threads": 2, "forward": [forward], "backward": [backward]}
+    (forward_name, _), (backward_name, _) = bench_kernel.record_tables([run], args, parser)
+    assert (forward_name, backward_name) == ("kernel_cpu_forward", "kernel_cpu_backward")
+    cells = _cells(forward_name)
     assert cells["of ref"] == "0.50" and cells["vs compiled"] == "3.00" and cells["vs eager"] == "2.50"
     assert cells["vs naive"] == "2.00" and cells["vs vllm"] == "1.50"
     assert cells["vllm A/A"] == "1.10"  # vllm_again / vllm, not / ours
-    assert cells["ours GB/s"] == f"{4 * 16 * 1536 * 4 / 2e-6 / 1e9:.1f}"
+    assert cells["ours µs"] == "2.0" and cells["ours GB/s"] == f"{4 * 16 * 1536 * 4 / 2e-6 / 1e9:.1f}"
+    cells = _cells(backward_name)
+    assert cells["of ref"] == "0.38" and cells["vs eager"] == "2.00" and cells["vs compiled"] == "1.50"  # 0.75 x 2/4
+    assert cells["ours GB/s"] == f"{3 * 16 * 1536 * 4 / 4e-6 / 1e9:.1f}"
+    assert results.load(forward_name)["rows"][0]["seconds"]["vllm_again"] == 3.3e-6  # every contender's time kept
+
+
+def test_a_run_records_both_tables_a_row_per_isa_and_case():
+    argv = ["--tokens", "16", "512", "--hidden", "1536", "--dtypes", "bfloat16", "float32", "--samples", "3"]
+    args, parser = bench_kernel.arguments(argv)
+    runs = [_results("AVX2", args), _results("DEFAULT", args, with_vllm=False)]
+    made = bench_kernel.record_tables(runs, args, parser)
+    assert [name for name, _ in made] == ["kernel_cpu_forward_tokens16-512_hidden1536",
+                                          "kernel_cpu_backward_tokens16-512_hidden1536"]  # fmt: skip
+    cases = 2 * 2 * 1 * 2  # T x dtype x d x cache
+    for (name, title), columns in zip(made, (bench_kernel.FORWARD_COLUMNS, bench_kernel.BACKWARD_COLUMNS), strict=True):
+        recorded = results.load(name)
+        assert [tuple(c) for c in recorded["columns"]] == columns and recorded["title"] == title
+        assert len(recorded["rows"]) == 2 * cases and "medians of 3 samples" in title
+        assert [r["isa"] for r in recorded["rows"]] == ["AVX2"] * cases + ["DEFAULT"] * cases
+    assert _cells(made[0][0], cases)["vs vllm"] == "-"  # no vLLM library for DEFAULT
+
+
+@pytest.mark.parametrize(
+    "argv, name",
+    [([], "kernel_cpu_forward"), (["--repeats", "3", "--samples", "5"], "kernel_cpu_forward"),
+     (["--isa", "avx2"], "kernel_cpu_forward_isaAVX2"), (["--quick"], "kernel_cpu_forward_tokens16-4096_hidden3584"),
+     (["--cache", "cold"], "kernel_cpu_forward_cachecold")],
+)  # fmt: skip
+def test_a_run_of_other_isas_or_shapes_than_the_docs_table_has_a_name_of_its_own(argv, name):
+    args, parser = bench_kernel.arguments(argv)
+    ((forward, _), _) = bench_kernel.record_tables([_results("AVX2", args)], args, parser)
+    assert forward == name
 
 
 def test_runs_merge_into_each_contenders_median_per_row():

@@ -1,13 +1,14 @@
 """Table 3's learner measurements on the shipped toy model (no engine): counts and optimizer bytes are exact, the
-step is timed whole, and the precision is the trainer's own default unless it cannot fit."""
+step is timed whole, and the precision is the trainer's own default unless it cannot fit; a run records a table
+per shape, ratios against steering from the same run, under a name of its own for other settings."""
 
 import statistics
 
 import pytest
 import torch
 
-from benchmarks import bench_training
-from benchmarks.bench_training import TOY, build_model, build_trainable, table, time_learner
+from benchmarks import bench_training, results
+from benchmarks.bench_training import TOY, arguments, build_model, build_trainable, record_tables, time_learner
 
 shape_dtype, trainer_dtypes = bench_training.shape_dtype, bench_training.trainer_dtypes
 
@@ -75,18 +76,60 @@ def _rows(**extra):
     ]  # fmt: skip
 
 
+def _table(rows, argv=()):
+    """The recorded table's markdown, its name and its file."""
+    args, parser = arguments(list(argv))
+    ((name, _),) = record_tables(rows, args, parser)
+    return results.markdown(results.load(name)), name, results.load(name)
+
+
 def test_the_table_puts_ratios_against_steering_side_by_side():
-    text = table(_rows(dtype_option="auto"))
+    text, name, recorded = _table(_rows(dtype_option="auto"))
+    assert name == f"training_cost_{results.device()}_toy"
     assert "| trainable parameters | 10 | 1,000 | 100.0x |" in text
+    assert "| optimizer state (bytes) | 80 | 8,000 | 100.0x |" in text
     assert "| **learner step (s), median of whole steps** | 3.5000 | 4.2000 | 1.2x |" in text
     assert "| - backward (s), median of the phase | 2.0000 | 3.0000 | 1.5x |" in text
     assert "| sync into vLLM (s) | 0.0100 | 0.5000 | 50.0x |" in text
-    assert "| learner / engine dtype | fp32 | fp32 | |" in text
-    assert "the trainer's default precision" in text
+    assert "| learner / engine dtype | fp32 | fp32 |  |" in text
+    assert "the trainer's default precision" in recorded["notes"]
     assert "peak memory" not in text  # CPU: not measured, so not shown
+    assert [c[1] for c in recorded["columns"]] == ["", "Steering", "Full-Tune", "Full-Tune / Steering"]
 
 
 def test_a_bf16_table_says_bf16():
-    text = table(_rows(dtype="bfloat16", engine_dtype="bfloat16", dtype_option="bfloat16", dtype_note="too big"))
-    assert "**bf16** (`dtype: bfloat16`); too big" in text
-    assert "| learner / engine dtype | bf16 | bf16 | |" in text
+    text, _, recorded = _table(_rows(dtype="bfloat16", engine_dtype="bfloat16", dtype_option="bfloat16",
+                                     dtype_note="too big"))  # fmt: skip
+    assert "bf16 (`dtype: bfloat16`); too big" in recorded["notes"] and "too big" in text
+    assert "| learner / engine dtype | bf16 | bf16 |  |" in text
+
+
+def test_a_run_records_a_table_per_shape_a_row_per_quantity_and_a_column_per_kind(tmp_path):
+    args, parser = arguments(["--shapes", "toy", "--toy-batch", "4x16", "--steps", "1", "--no-sync"])
+    shapes, kinds = bench_training.plan(args, tmp_path)
+    rows = [{**bench_training.learner_row(shape, kind, args, tmp_path), "sync": None} for shape in shapes
+            for kind in kinds]  # fmt: skip
+    ((name, _),) = record_tables(rows, args, parser)
+    assert name == f"training_cost_{results.device()}_toy_toy_batch4x16_no_sync"
+    recorded = results.load(name)
+    headers = ["", "Steering", "Full-Tune", "LoRA", "Full-Tune / Steering", "LoRA / Steering"]
+    assert [c[1] for c in recorded["columns"]] == headers
+    quantities = [r["quantity"] for r in recorded["rows"]]  # no sync measured: no sync rows; CPU: no peak memory
+    assert quantities == [
+        "learner / engine dtype", "trainable parameters", "optimizer state (bytes)",
+        "**learner step (s), median of whole steps**", "- forward (s), median of the phase",
+        "- backward (s), median of the phase", "- optimizer step (s), median of the phase",
+    ]  # fmt: skip
+    parameters = recorded["rows"][1]
+    assert parameters["full_vs_steering"] == parameters["full"] / parameters["steering"] > 1000
+    assert "batch 4x16 tokens" in recorded["notes"] and "medians of 1 steps" in recorded["title"]
+
+
+def test_a_run_at_other_settings_does_not_overwrite_the_default_tables():
+    device = results.device()
+    for argv, suffix in (([], ""), (["--steps", "2"], ""), (["--kinds", "steering,lora"], "_kindssteering-lora"),
+                         (["--dtype", "bfloat16"], ""), (["--lora-rank", "4"], "_lora_rank4")):  # fmt: skip
+        assert _table(_rows(), argv)[1] == f"training_cost_{device}_toy{suffix}"  # --dtype is for the real shapes
+    rows = [{**r, "shape": "qwen2.5-0.5b"} for r in _rows()]
+    assert _table(rows, ["--dtype", "bfloat16"])[1] == f"training_cost_{device}_qwen2.5-0.5b_dtypebfloat16"
+    assert _table(rows, ["--batch", "2x64"])[1] == f"training_cost_{device}_qwen2.5-0.5b_batch2x64"
