@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -107,7 +108,10 @@ def build_data(cache: Path) -> dict[str, str | list[str]]:
         chosen = [
             {"question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows) if (i in heldout) == keep
         ]
-        files[key].write_text("".join(json.dumps(row) + "\n" for row in chosen))
+        text = "".join(json.dumps(row) + "\n" for row in chosen)
+        if not files[key].is_file() or files[key].read_text() != text:  # a reader elsewhere never sees half a file
+            files[key].with_suffix(".tmp").write_text(text)
+            files[key].with_suffix(".tmp").replace(files[key])
     paths: dict[str, str | list[str]] = {key: str(path) for key, path in files.items()}
     paths["gsm8k_test"] = str(test)
     for name in AIME_FILES:
@@ -121,8 +125,11 @@ def build(cache: Path | None = None) -> dict:
     """Build (or find) the fixture; returns {'model': folder, 'gsm8k_heldout': file, ...}."""
     cache = Path(cache or default_cache())
     cache.mkdir(parents=True, exist_ok=True)
-    fixture = {"model": str(build_model(cache)), **build_data(cache), "split_seed": SPLIT_SEED}
-    (cache / "fixture.json").write_text(json.dumps(fixture, indent=2) + "\n")
+    # One builder at a time (parallel test workers, two jobs sharing a cache): the others wait, then find it built.
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fixture = {"model": str(build_model(cache)), **build_data(cache), "split_seed": SPLIT_SEED}
+        (cache / "fixture.json").write_text(json.dumps(fixture, indent=2) + "\n")
     return fixture
 
 
