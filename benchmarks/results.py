@@ -109,7 +109,8 @@ def record(name: str, title: str, columns: list[tuple[str, str, str]], rows: lis
     return path
 
 
-def _cell(value, spec: str) -> str:
+def cell(value, spec: str) -> str:
+    """One table cell: ``value`` formatted with ``spec`` (a column's format), "-" for None."""
     if value is None:
         return "-"
     if isinstance(value, (int, float)) and not isinstance(value, bool) and spec:
@@ -123,7 +124,7 @@ def markdown(result: dict) -> str:
     columns = result["columns"]
     lines = ["| " + " | ".join(header for _, header, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in result["rows"]:
-        cells = [_cell(row.get(key, ""), row.get(spec[1:], "") if spec.startswith("@") else spec)
+        cells = [cell(row.get(key, ""), row.get(spec[1:], "") if spec.startswith("@") else spec)
                  for key, _, spec in columns]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     m = result["machine"]

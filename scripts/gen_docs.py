@@ -5,8 +5,10 @@
 
 - ``docs/training-config.md``: every field of ``trainer.config.TrainConfig`` with its type, default and the
   comment beside it, grouped under the comments that head each group in ``trainer/config.py``;
-- in any page, a block between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``: the table of
-  ``benchmarks/results/NAME.json``, which the benchmark wrote (``benchmarks/results.py``).
+- in any page (and the README), a block between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``: the
+  table of ``benchmarks/results/NAME.json``, which the benchmark wrote (``benchmarks/results.py``);
+- and a single figure, ``<!-- value:NAME:ROW:KEY:SPEC -->...<!-- /value -->``: row ROW's (0-based) KEY of that
+  file, formatted like a table cell with SPEC (``.1f``, ``,.0f}x``): the README's headline numbers.
 """
 
 from __future__ import annotations
@@ -81,23 +83,32 @@ def config_page() -> str:
 
 
 RESULTS_BLOCK = re.compile(r"(<!-- results:([\w.-]+) -->\n)(.*?)(<!-- /results:\2 -->)", re.DOTALL)
+VALUE = re.compile(r"(<!-- value:([\w.-]+):(\d+):(\w+):([^ ]*) -->)(.*?)(<!-- /value -->)")
 
 
 def with_results(text: str) -> str:
-    """``text`` with every results block refilled from its result file."""
+    """``text`` with every results block and value refilled from its result file."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from benchmarks.results import load, markdown
+    from benchmarks.results import cell, load, markdown
 
-    return RESULTS_BLOCK.sub(lambda m: f"{m.group(1)}{markdown(load(m.group(2)))}\n{m.group(4)}", text)
+    def value(m: re.Match) -> str:
+        rows = load(m.group(2))["rows"]
+        row, key = int(m.group(3)), m.group(4)
+        if row >= len(rows) or key not in rows[row]:
+            raise KeyError(f"{m.group(1)}: benchmarks/results/{m.group(2)}.json has no row {row} with {key!r}")
+        return f"{m.group(1)}{cell(rows[row][key], m.group(5))}{m.group(7)}"
+
+    text = RESULTS_BLOCK.sub(lambda m: f"{m.group(1)}{markdown(load(m.group(2)))}\n{m.group(4)}", text)
+    return VALUE.sub(value, text)
 
 
 def pages() -> dict[Path, str]:
     """Every generated page and page with results blocks, as it should read."""
     wanted = {CONFIG_PAGE: config_page()}
-    for path in sorted((ROOT / "docs").rglob("*.md")):
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
         text = wanted.get(path, path.read_text())
-        if RESULTS_BLOCK.search(text):
+        if RESULTS_BLOCK.search(text) or VALUE.search(text):
             wanted[path] = with_results(text)
     return wanted
 

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +44,17 @@ def test_gen_docs_fills_a_results_block_from_its_file_and_leaves_the_rest(result
     assert filled.startswith("before\n<!-- results:demo -->\n| case | time (s) | speed-up |")
     assert "old table" not in filled and filled.endswith("<!-- /results:demo -->\nafter\n")
     assert gen_docs.with_results(filled) == filled  # a filled page is what the check expects
+
+
+def test_gen_docs_fills_a_single_value_from_a_row_of_its_file(results_dir):
+    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
+    gen_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_docs)
+    _record()
+    line = "**<!-- value:demo:1:ratio:.2f}x -->9.99x<!-- /value -->**, <!-- value:demo:0:case: -->?<!-- /value -->"
+    assert gen_docs.with_results(line) == line.replace("9.99x", "1.05x").replace("-->?<", "-->big<")
+    with pytest.raises(KeyError, match="no row 2 with 'ratio'"):
+        gen_docs.with_results("<!-- value:demo:2:ratio:.2f -->1<!-- /value -->")
 
 
 def test_a_column_may_take_each_rows_own_spec_and_none_reads_as_a_dash(results_dir):
