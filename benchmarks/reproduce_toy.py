@@ -280,6 +280,7 @@ def write_results(args, reported: dict, chosen: dict[str, str], swept: dict) -> 
     saved = {"seeds": args.seeds, "sweep_seed": args.sweep_seed, "base": results["base"],
              "base_reward": results["base_reward"], "methods": rows}  # fmt: skip
     (args.output / "results.json").write_text(json.dumps(saved, indent=1))
+    record_table(args, results)
     groups = {NAMES[m]: [d for _, d in runs] for m, runs in reported.items()}
     plot_curves(
         groups,
@@ -287,6 +288,39 @@ def write_results(args, reported: dict, chosen: dict[str, str], swept: dict) -> 
         title=f"Toy world {args.world}, mean over seeds {args.seeds} (band: min-max)",
     )
     print(f"\nwritten: {args.output / 'results.md'}, {args.output / 'curves.png'}", file=sys.stderr)
+
+
+def record_table(args, results: dict) -> None:
+    """The held-out table as ``benchmarks/results/toy_WORLD.json`` (``_seeds...`` / ``_methods...`` appended when
+    they are not the full protocol's), the file the docs' table is generated from."""
+    from benchmarks.results import record
+
+    rows, base = results["rows"], results["base"]
+    base_mean, base_std = _mean_std(base)
+    full_gain = statistics.fmean(rows["full"]["after"]) - base_mean if "full" in rows else None
+    accuracy = f"{100 * base_mean:.1f} ± {100 * base_std:.1f}"
+    table_rows = [{"method": "Base", "parameters": 0, "lr": "", "accuracy": accuracy,
+                   "reward": _pm(results["base_reward"])}]  # fmt: skip
+    for method, row in rows.items():
+        mean, std = _mean_std(row["after"])
+        gain = mean - base_mean
+        table_rows.append({"method": NAMES[method], "parameters": row["parameters"], "lr": row["lr"],
+                           "accuracy": f"{100 * mean:.1f} ± {100 * std:.1f}", "gain": 100 * gain,
+                           "share": 100 * gain / full_gain if full_gain else None, "reward": _pm(row["reward"]),
+                           "after": row["after"], "wall_s": row["wall_s"]})  # fmt: skip
+    columns = [("method", "Method", ""), ("parameters", "Trainable params", ","), ("lr", "lr", ""),
+               ("accuracy", "Held-out accuracy (%)", ""), ("gain", "Gain over Base", "+.1f"),
+               ("share", "Share of Full-Tune's gain", ".0f}%"), ("reward", "Sampled reward", "")]  # fmt: skip
+    name = f"toy_{args.world}"
+    if args.seeds != [0, 1, 2]:
+        name += "_seeds" + "-".join(map(str, args.seeds))
+    if list(rows) != list(METHODS):
+        name += "_methods" + "-".join(rows)
+    problems = rows[next(iter(rows))]["problems"]
+    title = (f"Toy world {args.world}: mean ± std over seeds {', '.join(map(str, args.seeds))}, each run trained "
+             f"fresh at its method's lr; {_lr_origin(rows, args.sweep_seed)}; held-out: {problems} problems, greedy; "
+             "sampled reward: training prompts at T=1 (Base: step 1; methods: last 10 steps)")  # fmt: skip
+    record(name, title, columns, table_rows)
 
 
 def cross_world(args, reported: dict[str, list[Path]]) -> None:

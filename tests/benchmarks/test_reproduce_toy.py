@@ -66,7 +66,7 @@ def _fake_train(calls, eval_data):
     return train
 
 
-def test_reported_seeds_are_trained_fresh_and_never_reuse_a_sweep_run(tmp_path, monkeypatch):
+def test_reported_seeds_are_trained_fresh_and_never_reuse_a_sweep_run(tmp_path, monkeypatch, results_dir):
     calls = []
     eval_data = tmp_path / "test.jsonl"
     eval_data.write_text('{"problem": "1+1", "answer": "2"}\n' * 5)
@@ -91,6 +91,12 @@ def test_reported_seeds_are_trained_fresh_and_never_reuse_a_sweep_run(tmp_path, 
     text = (output / "results.md").read_text()
     assert "lr of Steering picked by a sweep on seed 7 (not a reported seed" in text
     assert "| Steering | 0.01 / **0.1** / 0.03 |" in text
+    recorded = json.loads((results_dir / "toy_boxing_seeds0-1_methodssteering-lora.json").read_text())
+    assert [(r["method"], r["accuracy"]) for r in recorded["rows"]][:2] == [
+        ("Base", "10.0 ± 0.0"),
+        ("Steering", "50.5 ± 0.7"),
+    ]
+    assert recorded["rows"][1]["gain"] == pytest.approx(40.5) and recorded["rows"][1]["share"] is None  # no Full-Tune
 
 
 def test_each_world_has_its_config_and_output_and_lora_ranks_reach_the_trainer(tmp_path):
