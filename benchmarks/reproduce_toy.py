@@ -40,6 +40,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from benchmarks.results import cell, record
 from trainer.curves import plot_curves, read_metrics, read_summary
 
 WORLDS = {"boxing": "configs/toy.yaml", "misused": "configs/toy-misused.yaml", "absent": "configs/toy-absent.yaml"}
@@ -118,23 +119,38 @@ def _mean_std(values) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table(rows: dict, base: list[float], base_reward: list[float], seeds: list[int], sweep_seed: int | None) -> str:
+HELD_OUT_COLUMNS = [("method", "Method", ""), ("parameters", "Trainable params", ","), ("lr", "lr", ""),
+                    ("accuracy", "Held-out accuracy (%)", ""), ("gain", "Gain over Base", "+.1f"),
+                    ("share", "Share of Full-Tune's gain", ".0f}%"), ("reward", "Sampled reward", "")]  # fmt: skip
+
+
+def held_out_rows(rows: dict, base: list[float], base_reward: list[float]) -> list[dict]:
+    """The held-out table's rows, Base first: accuracy as mean ± std over seeds, gain over Base and share of
+    Full-Tune's gain in percentage points (share None without a Full-Tune row), the sampled reward."""
     base_mean, base_std = _mean_std(base)
     full_gain = statistics.fmean(rows["full"]["after"]) - base_mean if "full" in rows else None
+    table = [{"method": "Base", "parameters": 0, "lr": "", "accuracy": f"{100 * base_mean:.1f} ± {100 * base_std:.1f}",
+              "reward": _pm(base_reward)}]  # fmt: skip
+    for method, row in rows.items():
+        mean, std = _mean_std(row["after"])
+        gain = mean - base_mean
+        table.append({"method": NAMES[method], "parameters": row["parameters"], "lr": row["lr"],
+                      "accuracy": f"{100 * mean:.1f} ± {100 * std:.1f}", "gain": 100 * gain,
+                      "share": 100 * gain / full_gain if full_gain else None, "reward": _pm(row["reward"]),
+                      "after": row["after"], "wall_s": row.get("wall_s")})  # fmt: skip
+    return table
+
+
+def table(rows: dict, base: list[float], base_reward: list[float], seeds: list[int], sweep_seed: int | None) -> str:
     problems = rows[next(iter(rows))]["problems"]
     lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))}, each run trained fresh at its method's lr; "
              f"{_lr_origin(rows, sweep_seed)}; held-out: {problems} problems, greedy; sampled reward: training "
              "prompts at T=1 (Base: step 1, before any update; methods: last 10 steps)", "",
-             "| Method | Trainable params | lr | Held-out accuracy (%) | Gain over Base | Share of Full-Tune's gain "
-             "| Sampled reward |",
-             "|---|---:|---:|---:|---:|---:|---:|",
-             f"| Base | 0 | | {100 * base_mean:.1f} ± {100 * base_std:.1f} | | | {_pm(base_reward)} |"]  # fmt: skip
-    for method, row in rows.items():
-        mean, std = _mean_std(row["after"])
-        gain = mean - base_mean
-        share = f"{100 * gain / full_gain:.0f}%" if full_gain else ""
-        lines.append(f"| {NAMES[method]} | {row['parameters']:,} | {row['lr']} | {100 * mean:.1f} ± {100 * std:.1f} "
-                     f"| {100 * gain:+.1f} | {share} | {_pm(row['reward'])} |")  # fmt: skip
+             "| " + " | ".join(header for _, header, _ in HELD_OUT_COLUMNS) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for row in held_out_rows(rows, base, base_reward):
+        cells = [cell(row[key], spec) if row.get(key) is not None else "" for key, _, spec in HELD_OUT_COLUMNS]
+        lines.append("|" + "|".join(f" {c} " if c else " " for c in cells) + "|")
     return "\n".join(lines)
 
 
@@ -293,24 +309,7 @@ def write_results(args, reported: dict, chosen: dict[str, str], swept: dict) -> 
 def record_table(args, results: dict) -> None:
     """The held-out table as ``benchmarks/results/toy_WORLD.json`` (``_seeds...`` / ``_methods...`` appended when
     they are not the full protocol's), the file the docs' table is generated from."""
-    from benchmarks.results import record
-
-    rows, base = results["rows"], results["base"]
-    base_mean, base_std = _mean_std(base)
-    full_gain = statistics.fmean(rows["full"]["after"]) - base_mean if "full" in rows else None
-    accuracy = f"{100 * base_mean:.1f} ± {100 * base_std:.1f}"
-    table_rows = [{"method": "Base", "parameters": 0, "lr": "", "accuracy": accuracy,
-                   "reward": _pm(results["base_reward"])}]  # fmt: skip
-    for method, row in rows.items():
-        mean, std = _mean_std(row["after"])
-        gain = mean - base_mean
-        table_rows.append({"method": NAMES[method], "parameters": row["parameters"], "lr": row["lr"],
-                           "accuracy": f"{100 * mean:.1f} ± {100 * std:.1f}", "gain": 100 * gain,
-                           "share": 100 * gain / full_gain if full_gain else None, "reward": _pm(row["reward"]),
-                           "after": row["after"], "wall_s": row["wall_s"]})  # fmt: skip
-    columns = [("method", "Method", ""), ("parameters", "Trainable params", ","), ("lr", "lr", ""),
-               ("accuracy", "Held-out accuracy (%)", ""), ("gain", "Gain over Base", "+.1f"),
-               ("share", "Share of Full-Tune's gain", ".0f}%"), ("reward", "Sampled reward", "")]  # fmt: skip
+    rows = results["rows"]
     name = f"toy_{args.world}"
     if args.seeds != [0, 1, 2]:
         name += "_seeds" + "-".join(map(str, args.seeds))
@@ -320,7 +319,7 @@ def record_table(args, results: dict) -> None:
     title = (f"Toy world {args.world}: mean ± std over seeds {', '.join(map(str, args.seeds))}, each run trained "
              f"fresh at its method's lr; {_lr_origin(rows, args.sweep_seed)}; held-out: {problems} problems, greedy; "
              "sampled reward: training prompts at T=1 (Base: step 1; methods: last 10 steps)")  # fmt: skip
-    record(name, title, columns, table_rows)
+    record(name, title, HELD_OUT_COLUMNS, held_out_rows(rows, results["base"], results["base_reward"]))
 
 
 def cross_world(args, reported: dict[str, list[Path]]) -> None:
