@@ -11,6 +11,15 @@ from benchmarks import results
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module")
+def gen_docs():
+    """scripts/gen_docs.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _record(columns=None, rows=None):
     columns = columns or [("case", "case", ""), ("time", "time (s)", ".2f"), ("ratio", "speed-up", ".2f}x")]
     rows = rows or [{"case": "big", "time": 1.23456, "ratio": 2.0}, {"case": "small", "time": 0.5, "ratio": 1.049}]
@@ -34,10 +43,7 @@ def test_the_table_formats_each_column_as_its_spec_says(results_dir):
     assert "Medians of 3." in lines[-1] and "python -m benchmarks." in lines[-1]
 
 
-def test_gen_docs_fills_a_results_block_from_its_file_and_leaves_the_rest(results_dir):
-    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
-    gen_docs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen_docs)
+def test_gen_docs_fills_a_results_block_from_its_file_and_leaves_the_rest(results_dir, gen_docs):
     _record()
     page = "before\n<!-- results:demo -->\nold table\n<!-- /results:demo -->\nafter\n"
     filled = gen_docs.with_results(page)
@@ -46,10 +52,7 @@ def test_gen_docs_fills_a_results_block_from_its_file_and_leaves_the_rest(result
     assert gen_docs.with_results(filled) == filled  # a filled page is what the check expects
 
 
-def test_gen_docs_fills_a_single_value_from_a_row_of_its_file(results_dir):
-    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
-    gen_docs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen_docs)
+def test_gen_docs_fills_a_single_value_from_a_row_of_its_file(results_dir, gen_docs):
     _record()
     line = "**<!-- value:demo:1:ratio:.2f}x -->9.99x<!-- /value -->**, <!-- value:demo:0:case: -->?<!-- /value -->"
     assert gen_docs.with_results(line) == line.replace("9.99x", "1.05x").replace("-->?<", "-->big<")
