@@ -176,16 +176,11 @@ def record_tables(rates: dict, ttft: dict, shape: tuple[int, int], args, parser)
     """Record the throughput table (``rates``: {(engine, configurations): [tokens/s of each round]}) as
     per_request_DEVICE[_OPTIONVALUE...] and the first-token one (``ttft``: {"known" | "new": [seconds]}) as
     per_request_DEVICE_first_token[...]; [(name, title)]."""
-    from benchmarks.results import device, record, variant
+    from benchmarks.results import device, record, throughput_row, variant
 
-    base = statistics.median(rates[("global", 1)])
-    throughput = []
-    for (kind, mix), rounds in rates.items():
-        median = statistics.median(rounds)
-        paired = statistics.median(a / b for a, b in zip(rounds, rates[("global", 1)], strict=True))
-        throughput.append({"engine": kind, "configurations": "0 (stock)" if kind == "stock" else mix,
-                           "tokens_per_s": median, "ratio_of_medians": median / base, "median_of_ratios": paired,
-                           "rounds": rounds})  # fmt: skip
+    base = rates[("global", 1)]
+    throughput = [{"engine": kind, "configurations": "0 (stock)" if kind == "stock" else mix,
+                   **throughput_row(rounds, base)} for (kind, mix), rounds in rates.items()]  # fmt: skip
     known = statistics.median(ttft["known"])
     first_token = [{"configuration": label, "ms": 1e3 * statistics.median(ttft[which]),
                     "vs_known": statistics.median(ttft[which]) / known, "seconds": ttft[which]}

@@ -31,7 +31,6 @@ import json
 import multiprocessing
 import operator
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -190,15 +189,10 @@ MEASURED = ("shape", "layers", "dtype", "batch", "prompt_len", "max_tokens", "ea
 def record_table(rates: dict[str, list[float]], config: dict, args, parser) -> tuple[str, str]:
     """Record each engine's median output tokens/s and its ratio to the first (``rates``: {engine: [tokens/s of
     each round]}) as serving_DEVICE[_OPTIONVALUE...]; (name, title)."""
-    from benchmarks.results import device, record, variant
+    from benchmarks.results import device, record, throughput_row, variant
 
     base = next(iter(rates))
-    base_median, rows = statistics.median(rates[base]), []
-    for kind, rounds in rates.items():
-        median = statistics.median(rounds)
-        paired = statistics.median(a / b for a, b in zip(rounds, rates[base], strict=True))
-        rows.append({"engine": kind, "tokens_per_s": median, "ratio_of_medians": median / base_median,
-                     "median_of_ratios": paired, "rounds": rounds})  # fmt: skip
+    rows = [{"engine": kind, **throughput_row(rounds, rates[base])} for kind, rounds in rates.items()]
     columns = [("engine", "engine", ""), ("tokens_per_s", "output tokens/s (median)", ".1f"),
                ("ratio_of_medians", f"vs {base} (ratio of medians)", ".3f"),
                ("median_of_ratios", f"vs {base} (median of round ratios)", ".3f")]  # fmt: skip

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,15 @@ def variant(base: str, parser, args, options: tuple[str, ...]) -> str:
             text = "" if value is True else "-".join(map(str, value)) if isinstance(value, list) else str(value)
             name += "_" + option + re.sub(r"[^\w.-]+", "-", text)
     return name
+
+
+def throughput_row(rounds: list[float], base_rounds: list[float]) -> dict:
+    """A throughput row against a baseline measured in the same interleaved rounds: the median rate, the ratio of
+    the two medians, the median of the per-round ratios, and every round's rate."""
+    median = statistics.median(rounds)
+    paired = statistics.median(a / b for a, b in zip(rounds, base_rounds, strict=True))
+    return {"tokens_per_s": median, "ratio_of_medians": median / statistics.median(base_rounds),
+            "median_of_ratios": paired, "rounds": rounds}  # fmt: skip
 
 
 def versions() -> dict:
