@@ -30,9 +30,22 @@ LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"
 
 
 class SteeredLearner(nn.Module):
-    """``model`` frozen; ``steering`` ([num_layers, hidden_size], float32) the only parameter that trains."""
+    """``model`` frozen; the steering vectors (float32) the only parameters that train.
 
-    def __init__(self, model: nn.Module, steering: torch.Tensor | None = None, gradient_checkpointing: bool = False):
+    ``runs`` > 1 holds several training runs' vectors side by side (a sweep): ``run_vectors[r]``
+    ([num_layers, hidden_size]) is run r's, and each sequence of a batch reads its own run's rows through the
+    fused op's per-token ``index``, so one forward and backward serves every run and each run's gradient lands
+    in its own parameter only. ``steering``: the initial vectors, [num_layers, hidden_size] (every run) or
+    [runs, num_layers, hidden_size]; None: zeros.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        steering: torch.Tensor | None = None,
+        gradient_checkpointing: bool = False,
+        runs: int = 1,
+    ):
         super().__init__()
         architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
         if not set(architectures) & set(SUPPORTED):
@@ -48,26 +61,63 @@ class SteeredLearner(nn.Module):
             logger.info("learner: %s attention drops attn_logit_softcapping; using eager", config._attn_implementation)
             model.set_attn_implementation("eager")
         shape = (config.num_hidden_layers, config.hidden_size)
-        if steering is None:
-            steering = torch.zeros(shape)
-        if tuple(steering.shape) != shape:
-            raise ValueError(f"learner: steering has shape {tuple(steering.shape)}, the model needs {shape}")
+        initial = [torch.zeros(shape)] * runs if steering is None else list(steering)
+        if steering is not None and steering.dim() == 2:
+            initial = [steering] * runs
+        for number, vectors in enumerate(initial):
+            if tuple(vectors.shape) != shape:
+                raise ValueError(f"learner: run {number}'s steering has shape {tuple(vectors.shape)}, the model "
+                                 f"needs {shape}")  # fmt: skip
+        if len(initial) != runs:
+            raise ValueError(f"learner: {len(initial)} runs' initial vectors for {runs} runs")
         device = model.get_input_embeddings().weight.device
-        self.steering = nn.Parameter(steering.detach().to(device=device, dtype=torch.float32).clone())
+        self.run_vectors = nn.ParameterList(
+            nn.Parameter(vectors.detach().to(device=device, dtype=torch.float32).clone()) for vectors in initial
+        )
         self.gradient_checkpointing = gradient_checkpointing
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B, T, d] (after the steered final norm), right-padded batches."""
-        return steered_hidden_states(self.model, self.steering, input_ids, attention_mask, self.gradient_checkpointing)
+    @property
+    def steering(self) -> nn.Parameter:
+        """The vectors [num_layers, hidden_size] of a learner with one run."""
+        if len(self.run_vectors) != 1:
+            raise AttributeError(f"learner: {len(self.run_vectors)} runs' vectors; use run_vectors[run]")
+        return self.run_vectors[0]
+
+    def table(self) -> torch.Tensor:
+        """[num_layers, runs, hidden_size]: layer l's rows, one per run (a view when there is one run)."""
+        if len(self.run_vectors) == 1:
+            return self.run_vectors[0].unsqueeze(1)
+        return torch.stack(list(self.run_vectors), dim=1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, runs: torch.Tensor | None = None):
+        """Final hidden states [B, T, d] (after the steered final norm), right-padded batches. ``runs`` [B]: the
+        run whose vectors each sequence reads (None: run 0 for every sequence)."""
+        return steered_hidden_states(self.model, self.table(), input_ids, attention_mask, self.gradient_checkpointing,
+                                     runs)  # fmt: skip
 
     def token_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        temperature: float = 1.0,
+        runs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """log p(token t | tokens < t) at ``temperature``, [B, T-1] float32 (entry t-1 scores token t)."""
-        hidden = self(input_ids, attention_mask)[:, :-1]
-        logits = output_logits(self.model, hidden) / temperature
-        targets = input_ids[:, 1:]
-        return logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        return _logprobs_of_next_tokens(self.model, self(input_ids, attention_mask, runs), input_ids, temperature)
+
+    @torch.no_grad()
+    def unsteered_token_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """``token_logprobs`` of the base model (every vector zero), without gradient: the KL penalty's reference."""
+        table = torch.zeros_like(self.run_vectors[0]).unsqueeze(1)
+        hidden = steered_hidden_states(self.model, table, input_ids, attention_mask)
+        return _logprobs_of_next_tokens(self.model, hidden, input_ids, temperature)
+
+
+def _logprobs_of_next_tokens(model, hidden, input_ids, temperature: float) -> torch.Tensor:
+    logits = output_logits(model, hidden[:, :-1]) / temperature
+    return logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0]
 
 
 _SOFTCAP_ATTENTION = ("eager", "flex_attention")  # HF attention implementations that apply the cap
@@ -81,23 +131,26 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits if not cap else torch.tanh(logits / cap) * cap
 
 
-def steered_hidden_states(model, steering, input_ids, attention_mask, gradient_checkpointing=False) -> torch.Tensor:
+def steered_hidden_states(model, table, input_ids, attention_mask, gradient_checkpointing=False, runs=None):
+    """``table`` [num_layers, R, d]: layer l's vectors for each of R runs; ``runs`` [B]: each sequence's row
+    (None: row 0, the fused op's single-row path)."""
     decoder = model.model
+    index = None if runs is None else runs.to(input_ids.device)[:, None].expand(input_ids.shape).reshape(-1)
     embeds = decoder.embed_tokens(input_ids)  # Gemma's embedding module scales by sqrt(d) itself
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     types = layer_types(decoder.config)
     masks = attention_masks(decoder.config, types, embeds, attention_mask, position_ids)
     rotaries = rotary_embeddings(decoder.rotary_emb, types, embeds, position_ids)
     hidden, residual = None, embeds
-    for index, (layer, mask, rotary) in enumerate(zip(decoder.layers, masks, rotaries, strict=True)):
-        vector = steering[index - 1 : index] if index > 0 else None
+    for number, (layer, mask, rotary) in enumerate(zip(decoder.layers, masks, rotaries, strict=True)):
+        rows = table[number - 1] if number > 0 else None
         if gradient_checkpointing and torch.is_grad_enabled():
             hidden, residual = checkpoint(
-                _layer, layer, hidden, residual, vector, mask, rotary, position_ids, use_reentrant=False
+                _layer, layer, hidden, residual, rows, index, mask, rotary, position_ids, use_reentrant=False
             )
         else:
-            hidden, residual = _layer(layer, hidden, residual, vector, mask, rotary, position_ids)
-    out, _ = steered_norm(hidden, residual, steering[-1:], decoder.norm)
+            hidden, residual = _layer(layer, hidden, residual, rows, index, mask, rotary, position_ids)
+    out, _ = steered_norm(hidden, residual, table[-1], decoder.norm, index)
     return out
 
 
@@ -137,11 +190,11 @@ def rotary_embeddings(rotary_emb, types, embeds, position_ids) -> list:
     return [built[kind] for kind in types]
 
 
-def _layer(layer, hidden, residual, vector, mask, rotary, position_ids):
-    if vector is None:  # layer 0: its input is the embeddings, never steered
+def _layer(layer, hidden, residual, rows, index, mask, rotary, position_ids):
+    if rows is None:  # layer 0: its input is the embeddings, never steered
         hidden = layer.input_layernorm(residual)
     else:
-        hidden, residual = steered_norm(hidden, residual, vector, layer.input_layernorm)
+        hidden, residual = steered_norm(hidden, residual, rows, layer.input_layernorm, index)
     attention = layer.self_attn(
         hidden_states=hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids
     )[0]
@@ -156,15 +209,16 @@ def _layer(layer, hidden, residual, vector, mask, rotary, position_ids):
     return hidden, residual
 
 
-def steered_norm(hidden, residual, vector, norm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(hidden + residual + vector), hidden + residual + vector) with the fused op; [B, T, d] in and out."""
+def steered_norm(hidden, residual, rows, norm, index=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(hidden + residual + vector), hidden + residual + vector) with the fused op; [B, T, d] in and out.
+    ``rows`` [R, d]; ``index`` [B*T]: each token's row (None: row 0)."""
     shape = residual.shape
     eps = getattr(norm, "variance_epsilon", None) or norm.eps
     y, residual_out = kernels.fused_add_steer_rms_norm(
         hidden.reshape(-1, shape[-1]),
         residual.reshape(-1, shape[-1]),
-        vector,
-        None,
+        rows,
+        index,
         norm.weight,
         eps,
         norm_weight_offset(norm),

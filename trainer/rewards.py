@@ -250,10 +250,15 @@ class RewardPool:
 
     # -- public API ------------------------------------------------------------------------------------------
 
-    def score(self, completions: list[str], golds: list[str]) -> list[Score]:
-        """One Score per (completion, gold), in order; tasks run concurrently across the workers."""
+    def score(self, completions: list[str], golds: list[str], modes: list[str] | None = None) -> list[Score]:
+        """One Score per (completion, gold), in order; tasks run concurrently across the workers. ``modes``: each
+        task's reward mode (a sweep's runs may differ); None: the pool's."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} golds")
+        modes = [self.mode] * len(completions) if modes is None else modes
+        if len(modes) != len(completions) or not set(modes) <= set(MODE_REWARDS):
+            raise ValueError(f"modes: expected {len(completions)} of {sorted(MODE_REWARDS)}, got {sorted(set(modes))}")
+        self._task_modes = modes
         if not self._workers:
             raise RuntimeError("RewardPool is closed")
         self._replace_busy_workers()
@@ -326,11 +331,12 @@ class RewardPool:
         elif message[0] == "ready":
             worker.ready = True
         elif message[0] == "ok":
-            scores[worker.finish()] = self._interpret(message[2])
+            task = worker.finish()
+            scores[task] = self._interpret(message[2], self._task_modes[task])
         else:
             task = worker.finish()
             logger.warning("reward function %s raised on task %d: %s", self.reward_fn, task, message[2])
-            scores[task] = Score(self.failure_reward, "error")
+            scores[task] = self._failure(task, "error")
 
     def _on_worker_died(self, worker: _Worker, scores: list[Score | None]) -> None:
         worker.kill()  # reaps it: the pipe can report EOF before the process is reaped and has an exit code
@@ -339,7 +345,8 @@ class RewardPool:
             raise RuntimeError(f"reward worker for {self.reward_fn} exited while starting (exit code {code})")
         if worker.task is not None:
             logger.warning("reward worker died (exit code %s) on task %d", worker.process.exitcode, worker.task)
-            scores[worker.finish()] = Score(self.failure_reward, "error")
+            task = worker.finish()
+            scores[task] = self._failure(task, "error")
         self._replace(worker)
 
     def _expire_overdue(self, scores: list[Score | None]) -> None:
@@ -347,7 +354,8 @@ class RewardPool:
         for worker in list(self._workers):
             if worker.deadline <= now:
                 logger.warning("reward task %d timed out after %.1f s; worker replaced", worker.task, self.timeout_s)
-                scores[worker.finish()] = Score(self.failure_reward, "timeout")
+                task = worker.finish()
+                scores[task] = self._failure(task, "timeout")
                 self._replace(worker)
 
     def _replace(self, worker: _Worker) -> None:
@@ -356,13 +364,18 @@ class RewardPool:
 
     # -- results ---------------------------------------------------------------------------------------------
 
-    def _interpret(self, result: bool | float | str) -> Score:
-        """Score of a reward function's answer (see the class docstring for the rules)."""
+    def _failure(self, task: int, status: str) -> Score:
+        return Score(MODE_REWARDS[self._task_modes[task]][1], status)
+
+    @staticmethod
+    def _interpret(result: bool | float | str, mode: str) -> Score:
+        """Score of a reward function's answer under ``mode`` (see the class docstring for the rules)."""
+        success, failure = MODE_REWARDS[mode]
         if isinstance(result, bool):
             result = "correct" if result else "wrong"
         if isinstance(result, str):
             status = result if result in STATUSES else "error"
-            return Score(self.success_reward if status == "correct" else self.failure_reward, status)
+            return Score(success if status == "correct" else failure, status)
         if not math.isfinite(result):
-            return Score(self.failure_reward, "error")
-        return Score(result, "correct" if result == self.success_reward else "wrong")
+            return Score(failure, "error")
+        return Score(result, "correct" if result == success else "wrong")

@@ -71,9 +71,10 @@ class RolloutEngine:
         flat = [_sample(output.outputs[0]) for output in outputs]
         return [flat[i * samples : (i + 1) * samples] for i in range(len(prompts))]
 
-    def sync_steering(self, steering: torch.Tensor) -> str:
-        """Put the learner's vectors into the engine in place; returns their content hash."""
-        return update_steering(self.llm, SteeringVectors.from_tensor(steering.detach().float().cpu()))
+    def sync_steering(self, steering: torch.Tensor, name: str | None = None) -> str:
+        """Put the learner's vectors into the engine in place (``name``: as that per-request set, for one run of
+        a sweep; None: as the vectors every request gets); returns their content hash."""
+        return update_steering(self.llm, SteeringVectors.from_tensor(steering.detach().float().cpu()), name=name)
 
     def shutdown(self) -> None:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)

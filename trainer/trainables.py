@@ -49,48 +49,67 @@ class Trainable(Protocol):
 
 
 class SteeringTrainable:
-    """The method: one vector per layer, the only trainable parameters; synced by ``update_steering``."""
+    """The method: one vector per layer, the only trainable parameters; synced by ``update_steering``.
 
-    def __init__(self, model, initial: torch.Tensor | None, gradient_checkpointing: bool, model_name: str):
-        self.learner = SteeredLearner(model, initial, gradient_checkpointing)
+    In a sweep, several runs share one learner (``SteeredLearner(runs=R)``): each run's trainable is a view of
+    its own row (``run``) and syncs it as its own per-request set (``set_name``) of the one engine.
+    """
+
+    def __init__(self, model, initial: torch.Tensor | None, gradient_checkpointing: bool, model_name: str,
+                 learner: SteeredLearner | None = None, run: int = 0, set_name: str | None = None):  # fmt: skip
+        self.learner = learner if learner is not None else SteeredLearner(model, initial, gradient_checkpointing)
         self.model_name = model_name
+        self.run = run
+        self.set_name = set_name
+        self.vector_parameter = self.learner.run_vectors[run]
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [self.learner.steering]
+        return [self.vector_parameter]
 
     def engine_kwargs(self) -> dict:
         return {}
 
     def sync(self, engine) -> None:
-        engine.sync_steering(self.learner.steering)
+        engine.sync_steering(self.vector_parameter, self.set_name)
 
     def lora_request(self):
         return None
 
+    def extra_args(self) -> dict | None:
+        """What this run's requests ask the engine for: its own set in a sweep, else the engine's vectors."""
+        return None if self.set_name is None else {"steering": self.set_name}
+
     def vectors(self) -> SteeringVectors:
-        return SteeringVectors.from_tensor(self.learner.steering.detach().cpu(), model=self.model_name)
+        return SteeringVectors.from_tensor(self.vector_parameter.detach().cpu(), model=self.model_name)
 
     def save(self, output_dir: Path) -> Path:
         return self.vectors().save(output_dir / VECTORS_FILE)
 
     def state_dict(self) -> dict:
-        return {"steering": self.learner.steering.detach().cpu().clone()}
+        return {"steering": self.vector_parameter.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
-            self.learner.steering.copy_(state["steering"])
+            self.vector_parameter.copy_(state["steering"])
 
     def metrics(self) -> dict:
-        return {"vector_norms": [round(float(n), 6) for n in self.learner.steering.detach().norm(dim=1)]}
+        return {"vector_norms": [round(float(n), 6) for n in self.vector_parameter.detach().norm(dim=1)]}
 
-    @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, temperature: float) -> torch.Tensor:
-        saved = self.learner.steering.detach().clone()
-        self.learner.steering.zero_()
-        try:
-            return self.learner.token_logprobs(input_ids, attention_mask, temperature)
-        finally:
-            self.learner.steering.copy_(saved)
+        return self.learner.unsteered_token_logprobs(input_ids, attention_mask, temperature)
+
+
+def build_sweep(model, configs: list, model_name: str) -> list[SteeringTrainable]:
+    """One learner holding every run's vectors, and each run's trainable (a view of its row, synced as the
+    per-request set ``run{r}``)."""
+    num_layers = model.config.num_hidden_layers
+    initial = None
+    if any(config.init_vectors for config in configs):
+        shape = (num_layers, model.config.hidden_size)
+        initial = torch.stack([SteeringVectors.load(c.init_vectors, num_layers).to_tensor() if c.init_vectors
+                               else torch.zeros(shape) for c in configs])  # fmt: skip
+    learner = SteeredLearner(model, initial, configs[0].gradient_checkpointing, runs=len(configs))
+    return [SteeringTrainable(model, None, False, model_name, learner, run, f"run{run}") for run in range(len(configs))]
 
 
 def build_trainable(kind: str, model, config, model_name: str, tokenizer=None) -> Trainable:

@@ -26,53 +26,97 @@ class LossOptions:
     kl_coef: float = 0.0
 
 
-def learn(trainable, optimizer, scheduler, sequences, advantage, keep, options: LossOptions, pad_id: int) -> dict:
-    """``sequences``: (prompt ids, Sample) pairs; ``advantage`` and ``keep`` (0/1: counts in the loss) per pair.
+@dataclass
+class RunBatch:
+    """One training run's share of a learner step: its samples (prompt ids, Sample), their advantages and which
+    count in the loss (``keep``, 0/1), and what steps it: its own loss options, parameters, optimizer and
+    schedule."""
 
-    Sequences whose loss has no gradient (advantage 0, as in a group whose samples all scored the same, or
-    masked out; with no KL term) get a forward without autograd, for the engine-learner canary, and no backward.
+    sequences: list
+    advantage: torch.Tensor
+    keep: torch.Tensor
+    options: LossOptions
+    parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def learn(trainable, optimizer, scheduler, sequences, advantage, keep, options: LossOptions, pad_id: int) -> dict:
+    """One run's optimizer step: ``sequences`` (prompt ids, Sample) pairs with their ``advantage`` and ``keep``."""
+    run = RunBatch(sequences, advantage, keep, options, trainable.parameters(), optimizer, scheduler)
+    return learn_runs(trainable.learner, trainable.reference_logprobs, [run], pad_id)[0]
+
+
+def learn_runs(learner, reference_logprobs, runs: list[RunBatch], pad_id: int) -> list[dict]:
+    """An optimizer step for every run from one pass of the learner over all runs' sequences (a sweep).
+
+    Each sequence reads its own run's vectors (the learner's ``runs`` argument), each run's loss is normalised
+    over its own samples (and ranks), and each run clips its own gradient and steps its own optimizer, so every
+    run takes the step it would take alone; micro-batches may mix runs. Sequences whose loss has no gradient
+    (advantage 0, as in a group whose samples all scored the same, or masked out; with no KL term) get a
+    forward without autograd, for the engine-learner canary, and no backward. Returns each run's metrics.
     """
-    device = trainable.learner.steering.device
-    passive = gradient_free(advantage, keep, options)
-    chunks = micro_batches([i for i in range(len(sequences)) if not passive[i]], options.micro_batch_size)
+    device = runs[0].parameters[0].device
+    temperature, size = runs[0].options.temperature, runs[0].options.micro_batch_size
+    items = [(r, i) for r, run in enumerate(runs) for i in range(len(run.sequences))]
+    passive = [flag for run in runs for flag in gradient_free(run.advantage, run.keep, run.options)]
+    chunks = micro_batches([k for k in range(len(items)) if not passive[k]], size)
     backward_chunks = len(chunks)
-    chunks += micro_batches([i for i in range(len(sequences)) if passive[i]], options.micro_batch_size)
-    batches = [pad([sequences[i] for i in chunk], pad_id, device) for chunk in chunks]
-    masks = [b["mask"] * keep[chunk].to(device)[:, None] for b, chunk in zip(batches, chunks, strict=True)]
-    denominator = _global(loss_denominators(masks, options.normalization, options.constant), masks, options, device)
-    loss_total, gap_sum, gap_tokens, kl_sum, clipped = 0.0, 0.0, 0.0, 0.0, 0.0
-    for number, (batch, mask, chunk) in enumerate(zip(batches, masks, chunks, strict=True)):
+    chunks += micro_batches([k for k in range(len(items)) if passive[k]], size)
+    owners = [torch.tensor([items[k][0] for k in chunk], device=device) for chunk in chunks]
+    batches = [pad([runs[r].sequences[i] for r, i in (items[k] for k in chunk)], pad_id, device) for chunk in chunks]
+    masks = []
+    for batch, chunk in zip(batches, chunks, strict=True):
+        keep = torch.stack([runs[r].keep[i].to(device) for r, i in (items[k] for k in chunk)])
+        masks.append(batch["mask"] * keep[:, None])
+    denominators = []
+    for r, run in enumerate(runs):
+        mine = [mask[owner == r] for mask, owner in zip(masks, owners, strict=True)]
+        local = loss_denominators(mine, run.options.normalization, run.options.constant)
+        denominators.append(_global(local, mine, run.options, device))
+    totals = [dict.fromkeys(("loss", "gap_sum", "gap_tokens", "kl_sum", "clipped_tokens"), 0.0) for _ in runs]
+    for number, (batch, mask, chunk, owner) in enumerate(zip(batches, masks, chunks, owners, strict=True)):
         ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch["positions"]
+        present = owner.unique().tolist()
+        advantage = torch.stack([runs[r].advantage[i] for r, i in (items[k] for k in chunk)]).to(device)
         backward = number < backward_chunks
         with torch.set_grad_enabled(backward):
-            logprobs = trainable.learner.token_logprobs(ids, attention, options.temperature).gather(1, positions)
+            rows = None if len(runs) == 1 else owner
+            logprobs = learner.token_logprobs(ids, attention, temperature, rows).gather(1, positions)
             reference = None
-            if options.kl_coef > 0:
-                reference = trainable.reference_logprobs(ids, attention, options.temperature).gather(1, positions)
-            loss = policy_loss(logprobs, batch["engine_logprobs"], mask, advantage[chunk].to(device), denominator,
-                               options.tis_cap, reference, options.kl_coef)  # fmt: skip
+            if any(runs[r].options.kl_coef > 0 for r in present):
+                reference = reference_logprobs(ids, attention, temperature).gather(1, positions)
+            loss = 0.0
+            for r in present:
+                options, total = runs[r].options, totals[r]
+                take = slice(None) if len(present) == 1 else owner == r
+                part = policy_loss(logprobs[take], batch["engine_logprobs"][take], mask[take], advantage[take],
+                                   denominators[r], options.tis_cap, None if reference is None else reference[take],
+                                   options.kl_coef)  # fmt: skip
+                loss = loss + part
+                total["loss"] += float(part.detach())
+                tokens, log_ratio = batch["mask"][take], logprobs[take].detach() - batch["engine_logprobs"][take]
+                total["gap_sum"] += float((log_ratio.abs() * tokens).sum())
+                total["gap_tokens"] += float(tokens.sum())
+                if reference is not None:
+                    total["kl_sum"] += float((kl_k3(logprobs[take].detach(), reference[take]) * tokens).sum())
+                if options.tis_cap is not None:
+                    total["clipped_tokens"] += float(((log_ratio.exp() > options.tis_cap) * tokens).sum())
         if backward:
             loss.backward()
-        loss_total += float(loss.detach())
-        tokens, log_ratio = batch["mask"], logprobs.detach() - batch["engine_logprobs"]
-        gap_sum += float((log_ratio.abs() * tokens).sum())
-        gap_tokens += float(tokens.sum())
-        if reference is not None:
-            kl_sum += float((kl_k3(logprobs.detach(), reference) * tokens).sum())
-        if options.tis_cap is not None:
-            clipped += float(((log_ratio.exp() > options.tis_cap) * tokens).sum())
-    parameters = trainable.parameters()
-    for parameter in parameters:
-        if parameter.grad is None:  # no backward ran (every sequence gradient-free): a zero gradient, as it is,
-            parameter.grad = torch.zeros_like(parameter)  # so the optimizer still steps (Adam's momentum moves)
-    _all_reduce_gradients(parameters)
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    # token sums over every completion token (masked-out ones included), summed over ranks by the caller
-    return {"loss": _sum(loss_total, device), "grad_norm": float(grad_norm), "gap_sum": gap_sum,
-            "gap_tokens": gap_tokens, "kl_sum": kl_sum, "clipped_tokens": clipped}  # fmt: skip
+    results = []
+    for run, total in zip(runs, totals, strict=True):
+        for parameter in run.parameters:
+            if parameter.grad is None:  # no backward ran (every sequence gradient-free): a zero gradient, as it
+                parameter.grad = torch.zeros_like(parameter)  # is, so the optimizer still steps (Adam's momentum)
+        _all_reduce_gradients(run.parameters)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.parameters, run.options.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        # token sums over every completion token (masked-out ones included), summed over ranks by the caller
+        results.append({**total, "loss": _sum(total["loss"], device), "grad_norm": float(grad_norm)})
+    return results
 
 
 def gradient_free(advantage: torch.Tensor, keep: torch.Tensor, options: LossOptions) -> list[bool]:

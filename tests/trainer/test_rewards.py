@@ -188,6 +188,25 @@ def test_custom_results_are_interpreted():
         ]
 
 
+def test_each_task_scores_under_its_own_mode():
+    """A sweep's runs may differ in reward mode: one call, each task's failures and successes in its mode, timeouts
+    and worker deaths included."""
+    with RewardPool(MARKER_FN, mode="binary", workers=1, timeout_s=1.0) as pool:
+        completions = ["STATUS:correct", "STATUS:no_boxed", "FLOAT:0.25", "HANG", "EXIT", "STATUS:correct"]
+        modes = ["signed", "signed", "signed", "signed", "signed", "binary"]
+        assert pool.score(completions, [""] * 6, modes) == [
+            Score(1.0, "correct"),
+            Score(-1.0, "no_boxed"),
+            Score(0.25, "wrong"),
+            Score(-1.0, "timeout"),
+            Score(-1.0, "error"),
+            Score(1.0, "correct"),
+        ]
+        assert pool.score(["STATUS:wrong"], [""]) == [Score(0.0, "wrong")]  # no modes: the pool's
+        with pytest.raises(ValueError, match="modes"):
+            pool.score(["a"], ["a"], ["unsigned"])
+
+
 def test_close_is_idempotent_and_score_after_close_raises():
     pool = RewardPool(MARKER_FN, workers=1)
     processes = [worker.process for worker in pool._workers]
