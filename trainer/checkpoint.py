@@ -40,6 +40,15 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_at(output_dir: Path, step: int) -> Path:
+    path = output_dir / "checkpoints" / f"step_{step:06d}"
+    if not (path / STATE).is_file():
+        kept = sorted(p.name for p in (output_dir / "checkpoints").glob("step_*"))
+        raise FileNotFoundError(f"--resume: {output_dir} has no checkpoint of step {step} (it has {kept}); the runs "
+                                "of a sweep resume from the latest step all of them kept")  # fmt: skip
+    return path
+
+
 def load_checkpoint(path: Path) -> dict:
     state = torch.load(path / STATE, map_location="cpu", weights_only=False)
     torch.set_rng_state(state["rng"]["torch"])

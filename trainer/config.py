@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import types
 import typing
@@ -86,11 +87,58 @@ class TrainConfig:
     vllm_log_level: Level | None = None  # None: $VLLM_LOGGING_LEVEL, else warning
 
 
+# What the runs of one sweep may differ in (everything else they share: model, engine, data, budget, sampling).
+SWEEPABLE = ("learning_rate", "seed", "warmup_steps", "weight_decay", "kl_coef", "init_vectors", "reward_mode",
+             "max_grad_norm", "adam_beta1", "adam_beta2", "advantage", "scale_advantage_by_std",
+             "loss_normalization", "loss_constant", "truncated", "importance_correction", "tis_cap")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    name: str  # its output directory's name under the sweep's output_dir
+    overrides: dict[str, Any]  # the swept options' values
+    config: TrainConfig
+
+
 def load_config(argv: list[str] | None = None) -> TrainConfig:
     """``--config FILE.yaml`` plus ``--key value`` overrides (values parsed as YAML scalars)."""
+    values, sweep = _values(argv)
+    if sweep:
+        raise ValueError("this command trains one run; a sweep runs through `python -m trainer.rloo`")
+    return build_config(values)
+
+
+def load_runs(argv: list[str] | None = None) -> tuple[list[SweepRun], bool]:
+    """The runs to train: one, or a sweep's (``--sweep KEY=V1,V2`` or a ``sweep:`` block in the YAML, the
+    cartesian product over its keys, each run under ``output_dir/KEY=V,...``); and whether it is a sweep."""
+    values, sweep = _values(argv)
+    if not sweep:
+        config = build_config(values)
+        return [SweepRun(Path(config.output_dir).name, {}, config)], False
+    not_sweepable = sorted(set(sweep) - set(SWEEPABLE))
+    if not_sweepable:
+        raise ValueError(f"sweep: {not_sweepable} cannot differ between the runs of one sweep, which share one "
+                         f"model, engine, data and budget; sweepable: {list(SWEEPABLE)}")  # fmt: skip
+    root = build_config(values).output_dir  # the shared options, checked once
+    runs = []
+    for combination in itertools.product(*sweep.values()):
+        overrides = dict(zip(sweep, combination, strict=True))
+        name = ",".join(f"{key}={_path_safe(value)}" for key, value in overrides.items())
+        runs.append(SweepRun(name, overrides, build_config({**values, **overrides, "output_dir": f"{root}/{name}"})))
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sweep: runs with the same values {sorted(n for n in names if names.count(n) > 1)}")
+    return runs, True
+
+
+def _values(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, list]]:
+    """(options, sweep: key -> values) from the YAML file, the overrides and --sweep."""
     parser = argparse.ArgumentParser(prog="python -m trainer.rloo", description=__doc__)
     parser.add_argument("--config", help="YAML file of options (see trainer/config.py for all of them)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help=f"train one run per value (several: the cartesian product) in one process; KEY in "
+                             f"{', '.join(SWEEPABLE)}")  # fmt: skip
     args, rest = parser.parse_known_args(argv)
     values: dict[str, Any] = {}
     if args.config:
@@ -98,10 +146,24 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config}: expected a mapping of options, got {type(loaded).__name__}")
         values.update(loaded)
+    sweep = values.pop("sweep", None) or {}
+    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise ValueError(f"{args.config}: sweep: expected a mapping of option names to lists of values, got {sweep!r}")
+    sweep = dict(sweep)
+    for item in args.sweep:
+        key, _, raw = item.partition("=")
+        if not key or not raw:
+            raise ValueError(f"--sweep {item!r}: expected KEY=V1,V2,...")
+        sweep[key.replace("-", "_")] = [yaml.safe_load(v) for v in raw.split(",")]
     values.update(_overrides(rest))
     if args.resume:
         values["resume"] = True
-    return build_config(values)
+    return values, sweep
+
+
+def _path_safe(value: Any) -> str:
+    text = Path(value).stem if isinstance(value, str) and ("/" in value or "." in Path(value).suffix) else str(value)
+    return text.replace("/", "_").replace(",", "_")
 
 
 def _overrides(rest: list[str]) -> dict[str, Any]:
