@@ -238,7 +238,10 @@ def test_torchrun_splits_every_runs_prompts_of_a_sweep(config_for, sweep):
         assert [m["response_length"] for m in ddp] == [m["response_length"] for m in single]
         vectors = SteeringVectors.load(output_dir / run.name / "steering_vectors.safetensors").to_tensor()
         straight = SteeringVectors.load(run / "steering_vectors.safetensors").to_tensor()
-        assert torch.allclose(vectors, straight, atol=1e-5, rtol=0), (run.name, (vectors - straight).abs().max())
+        # fp32, entries up to 0.33: measured 1e-7 to 8e-7 in three runs, 1.2e-5 in one (the ranks sum the gradient in
+        # another order, and Adam's normalised step turns rounding in near-zero components into visible steps); a
+        # run reading another's rows, or ranks reducing another run's gradient, is off by ~0.1
+        assert torch.allclose(vectors, straight, atol=1e-4, rtol=0), (run.name, (vectors - straight).abs().max())
 
 
 @pytest.mark.parametrize("trainable, output, moved", [("full", "model", "weight_update_norm"),
