@@ -15,9 +15,11 @@ import torch
 STATE = "state.pt"
 
 
-def save_checkpoint(output_dir: Path, step: int, state: dict, keep: int, write_files=None) -> Path:
+def save_checkpoint(output_dir: Path, step: int, state: dict, keep: int | None, write_files=None) -> Path:
     """``state``: the trainable's, optimizer's and scheduler's state dicts; ``step``: optimizer steps done (the
-    step a resumed run starts at); ``write_files(directory)`` adds readable files (e.g. the vectors)."""
+    step a resumed run starts at); ``write_files(directory)`` adds readable files (e.g. the vectors); ``keep``:
+    prune to the last ``keep`` (None: leave that to ``prune_checkpoints``, as a sweep does once every run has
+    written the step's, so a kill in between never leaves the runs without a step in common)."""
     root = output_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -30,9 +32,15 @@ def save_checkpoint(output_dir: Path, step: int, state: dict, keep: int, write_f
         write_files(partial)
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
+    if keep is not None:
+        prune_checkpoints(output_dir, keep)
     return final
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all but the last ``keep`` checkpoints."""
+    for old in sorted(p for p in (output_dir / "checkpoints").glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

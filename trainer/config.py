@@ -149,7 +149,7 @@ def _values(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, list]]:
     sweep = values.pop("sweep", None) or {}
     if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
         raise ValueError(f"{args.config}: sweep: expected a mapping of option names to lists of values, got {sweep!r}")
-    sweep = dict(sweep)
+    sweep = {key.replace("-", "_"): values for key, values in sweep.items()}
     for item in args.sweep:
         key, _, raw = item.partition("=")
         if not key or not raw:
@@ -162,8 +162,9 @@ def _values(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, list]]:
 
 
 def _path_safe(value: Any) -> str:
-    text = Path(value).stem if isinstance(value, str) and ("/" in value or "." in Path(value).suffix) else str(value)
-    return text.replace("/", "_").replace(",", "_")
+    """A value as part of a directory name: a path without its suffix, folders joined by ``_``."""
+    text = str(Path(value).with_suffix("")) if isinstance(value, str) and Path(value).suffix else str(value)
+    return text.strip("/~.").replace("/", "_").replace(",", "_")
 
 
 def _overrides(rest: list[str]) -> dict[str, Any]:

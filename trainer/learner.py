@@ -80,7 +80,7 @@ class SteeredLearner(nn.Module):
     def steering(self) -> nn.Parameter:
         """The vectors [num_layers, hidden_size] of a learner with one run."""
         if len(self.run_vectors) != 1:
-            raise AttributeError(f"learner: {len(self.run_vectors)} runs' vectors; use run_vectors[run]")
+            raise RuntimeError(f"learner: {len(self.run_vectors)} runs' vectors; use run_vectors[run]")
         return self.run_vectors[0]
 
     def table(self) -> torch.Tensor:

@@ -67,10 +67,13 @@ class Trainer:
         self.learner = trainables[0].learner
         self.runs = [RunState(c, t, self.rank) for c, t in zip(configs, trainables, strict=True)]
         if config.resume:
-            # a sweep's runs step together; a kill between their checkpoints leaves some a checkpoint ahead
-            step = min(run.latest_step() for run in self.runs)
+            # a sweep's runs step together; a kill between their checkpoints leaves some a checkpoint ahead (or,
+            # before the first, some with none: then every run starts again)
+            steps = [run.latest_step() for run in self.runs]
+            if max(steps) == 0:
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.runs[0].output_dir / 'checkpoints'}")
             for run in self.runs:
-                run.resume(step)
+                run.resume(min(steps))
         for run in self.runs:
             run.save_config()
 
@@ -228,6 +231,8 @@ class Trainer:
             if self.rank == 0:
                 for run, record in zip(self.runs, records, strict=True):
                     run.write(record)
+                for run in self.runs:  # once every run has this step's checkpoint
+                    run.prune_checkpoints()
             reward = statistics.fmean(r["reward_mean"] for r in records)
             bar.set_postfix(reward=f"{reward:.3f}", gap=f"{max(r['logprob_gap'] for r in records):.1e}")
             bar.update(1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from trainer.config import TrainConfig, save_config
 from trainer.curves import SUMMARY_FILE, plot_curves, read_summary
 from trainer.objective import zero_variance_fraction
@@ -51,13 +51,17 @@ class RunState:
         self.board = _tensorboard(self.output_dir) if rank == 0 else None
 
     def latest_step(self) -> int:
+        """The step of this run's latest checkpoint; 0 if it has none."""
         checkpoint = latest_checkpoint(self.output_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}")
-        return int(checkpoint.name.removeprefix("step_"))
+        return 0 if checkpoint is None else int(checkpoint.name.removeprefix("step_"))
 
     def resume(self, step: int) -> None:
-        """Continue from this run's checkpoint of ``step``; metric lines of later steps are dropped."""
+        """Continue from this run's checkpoint of ``step`` (0: from the start); metric lines of later steps are
+        dropped."""
+        if step == 0:
+            if self.rank == 0:
+                _truncate_metrics(self.output_dir / "metrics.jsonl", 0)
+            return
         checkpoint = checkpoint_at(self.output_dir, step)
         state = load_checkpoint(checkpoint)
         self.trainable.load_state_dict(state["trainable"])
@@ -127,7 +131,11 @@ class RunState:
             state = {"trainable": self.trainable.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict()}  # fmt: skip
             files = self.trainable.save if config.trainable != "full" else None  # full: the weights are in state
-            save_checkpoint(self.output_dir, self.step, state, config.keep_checkpoints, files)
+            save_checkpoint(self.output_dir, self.step, state, None, files)
+
+    def prune_checkpoints(self) -> None:
+        """Keep the last ``keep_checkpoints``; called once every run of the step has written its checkpoint."""
+        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
 
     def read_summary(self) -> dict:
         summary = read_summary(self.output_dir) if self.step > 0 else {}

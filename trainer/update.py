@@ -56,6 +56,9 @@ def learn_runs(learner, reference_logprobs, runs: list[RunBatch], pad_id: int) -
     (advantage 0, as in a group whose samples all scored the same, or masked out; with no KL term) get a
     forward without autograd, for the engine-learner canary, and no backward. Returns each run's metrics.
     """
+    if len(runs) != len(learner.run_vectors):
+        raise ValueError(f"learn_runs: the learner holds {len(learner.run_vectors)} runs' vectors, got {len(runs)} "
+                         "runs' batches (batch r steps the learner's row r)")  # fmt: skip
     device = runs[0].parameters[0].device
     temperature, size = runs[0].options.temperature, runs[0].options.micro_batch_size
     items = [(r, i) for r, run in enumerate(runs) for i in range(len(run.sequences))]
@@ -67,7 +70,7 @@ def learn_runs(learner, reference_logprobs, runs: list[RunBatch], pad_id: int) -
     batches = [pad([runs[r].sequences[i] for r, i in (items[k] for k in chunk)], pad_id, device) for chunk in chunks]
     masks = []
     for batch, chunk in zip(batches, chunks, strict=True):
-        keep = torch.stack([runs[r].keep[i].to(device) for r, i in (items[k] for k in chunk)])
+        keep = torch.stack([runs[r].keep[i] for r, i in (items[k] for k in chunk)]).to(device)
         masks.append(batch["mask"] * keep[:, None])
     denominators = []
     for r, run in enumerate(runs):
@@ -77,7 +80,7 @@ def learn_runs(learner, reference_logprobs, runs: list[RunBatch], pad_id: int) -
     totals = [dict.fromkeys(("loss", "gap_sum", "gap_tokens", "kl_sum", "clipped_tokens"), 0.0) for _ in runs]
     for number, (batch, mask, chunk, owner) in enumerate(zip(batches, masks, chunks, owners, strict=True)):
         ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch["positions"]
-        present = owner.unique().tolist()
+        present = sorted({items[k][0] for k in chunk})
         advantage = torch.stack([runs[r].advantage[i] for r, i in (items[k] for k in chunk)]).to(device)
         backward = number < backward_chunks
         with torch.set_grad_enabled(backward):

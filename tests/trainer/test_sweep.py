@@ -139,6 +139,27 @@ def test_bad_sweeps_are_refused_naming_the_problem(arguments, message):
         load_runs(REQUIRED + arguments)
 
 
+def test_run_names_keep_paths_apart_and_yaml_keys_take_dashes(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\noutput_dir: out\ntrain_data: d.jsonl\nsweep:\n  learning-rate: [0.1]\n")
+    runs, _ = load_runs(["--config", str(path), "--sweep", "init_vectors=runs/a/v.safetensors,runs/b/v.safetensors"])
+    names = ["learning_rate=0.1,init_vectors=runs_a_v", "learning_rate=0.1,init_vectors=runs_b_v"]
+    assert [r.name for r in runs] == names
+
+
+def test_a_learner_step_refuses_batches_that_do_not_match_its_runs(tiny_model_dirs):
+    model = _model(str(tiny_model_dirs["qwen2"]))
+    learner = SteeredLearner(model, runs=2)
+    view = SteeringTrainable(model, None, False, "m", learner, 1, "run1")
+    optimizer, scheduler = _optimizer(view.parameters(), RUNS[0])
+    sequences, advantage, keep = _batch(model.config.vocab_size, 0, 3)
+    batch = RunBatch(sequences, advantage, keep, RUNS[0]["options"], view.parameters(), optimizer, scheduler)
+    with pytest.raises(ValueError, match="holds 2 runs' vectors, got 1"):
+        learn_runs(learner, view.reference_logprobs, [batch], 0)
+    with pytest.raises(RuntimeError, match="use run_vectors"):
+        _ = learner.steering
+
+
 def test_runs_that_cannot_share_an_engine_or_learner_are_refused():
     runs, _ = load_runs(REQUIRED + ["--sweep", "seed=0,1"])
     configs = [r.config for r in runs]
@@ -163,3 +184,23 @@ def test_build_sweep_gives_each_run_its_own_row_and_set(tiny_model_dirs, tmp_pat
         and not views[1].vectors().to_tensor().any()
     )
     assert views[0].parameters()[0] is views[0].learner.run_vectors[0]
+
+
+def test_a_run_without_checkpoints_resumes_from_the_start_and_pruning_waits(tiny_model_dirs, tmp_path):
+    """A sweep killed after some runs wrote their first checkpoint: the others have none, so every run starts
+    again (step 0, metrics dropped); checkpoints are pruned only when asked, after every run has written."""
+    from trainer.run import RunState
+
+    model = _model(str(tiny_model_dirs["qwen2"]))
+    runs, _ = load_runs(["--model", "m", "--output_dir", str(tmp_path), "--train_data", "d.jsonl",
+                         "--keep_checkpoints", "1", "--save_every", "1", "--sweep", "seed=0,1"])  # fmt: skip
+    views = build_sweep(model, [r.config for r in runs], "m")
+    states = [RunState(r.config, view, rank=0) for r, view in zip(runs, views, strict=True)]
+    for step in (1, 2):
+        states[0].step = step
+        states[0].write({"step": step, "time": {}})
+    assert sorted(p.name for p in (states[0].output_dir / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    states[0].prune_checkpoints()
+    assert [s.latest_step() for s in states] == [2, 0]
+    states[0].resume(0)
+    assert (states[0].output_dir / "metrics.jsonl").read_text() == ""  # every step is redone
