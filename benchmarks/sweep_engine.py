@@ -23,15 +23,18 @@ from benchmarks.results import record
 from trainer.curves import read_metrics, read_summary
 
 LRS = "0.025,0.05,0.1,0.2"
+# each row's own formats: seconds and GiB, or the ratio row's x
 COST_COLUMNS = [
     ("way", "Way", ""),
     ("runs", "Runs", ""),
-    ("wall_s", "Wall time (s)", ".0f"),
-    ("generate_s", "generate (s)", ".0f"),
-    ("learn_s", "learn (s)", ".0f"),
-    ("other_s", "other: start, eval, score (s)", ".0f"),
-    ("peak_gib", "Peak memory (GiB)", ".2f"),
+    ("wall_s", "Wall time (s)", "@time_format"),
+    ("generate_s", "generate (s)", "@time_format"),
+    ("learn_s", "learn (s)", "@time_format"),
+    ("other_s", "other: start, eval, score (s)", "@time_format"),
+    ("peak_gib", "Peak memory (GiB)", "@memory_format"),
 ]
+SECONDS_AND_GIB = {"time_format": ".0f", "memory_format": ".2f"}
+RATIOS = {"time_format": ".2f}x", "memory_format": ".2f}x"}
 HELD_OUT_COLUMNS = [
     ("lr", "lr", ""),
     ("one_at_a_time", "One at a time: held-out (%)", ""),
@@ -103,16 +106,16 @@ def compare(args, train_command) -> None:
     swept_cost = _finished_or_run(sweep_root, command, marker=sweep_root / "sweep.json")
     bar.update(1)
     bar.close()
-    swept = {(lr, seed): sweep_root / f"learning_rate={lr},seed={seed}" for lr in lrs for seed in seeds}
+    by_values = {(r["learning_rate"], r["seed"]): r["run"] for r in json.loads((sweep_root / "sweep.json").read_text())}
+    swept = {(lr, seed): sweep_root / by_values[(float(lr), seed)] for lr in lrs for seed in seeds}
 
     one = _cost("one run at a time", alone.values(), sum(m["wall_s"] for m in measured),
                 max(m["peak_bytes"] for m in measured))  # fmt: skip
     together = _cost("one sweep", [next(iter(swept.values()))], swept_cost["wall_s"], swept_cost["peak_bytes"])
     together["runs"] = one["runs"] = len(alone)
-    ratio = {"way": "ratio (one at a time / sweep)", "runs": "",
+    ratio = {"way": "ratio (one at a time / sweep; memory: sweep / one run)", "runs": "", **RATIOS,
              **{k: one[k] / together[k] for k in ("wall_s", "generate_s", "learn_s", "other_s")},
              "peak_gib": together["peak_gib"] / one["peak_gib"]}  # fmt: skip
-    ratio["peak_note"] = "sweep / one run"
     title = (f"{len(alone)} steering runs ({len(lrs)} learning rates x {len(seeds)} seeds) of {args.config}, "
              "whole processes; generate and learn: the steps' spans summed (the sweep's once: its runs share "
              "them); peak memory: a way's largest moment, trainer and engine processes together (one at a time: "
@@ -142,7 +145,7 @@ def _cost(way: str, directories, wall_s: float, peak_bytes: int) -> dict:
         for metrics in read_metrics(directory):
             for key in spans:
                 spans[key] += metrics["time"][key]
-    return {"way": way, "wall_s": wall_s, "generate_s": spans["generate"], "learn_s": spans["learn"],
+    return {"way": way, **SECONDS_AND_GIB, "wall_s": wall_s, "generate_s": spans["generate"], "learn_s": spans["learn"],
             "other_s": wall_s - spans["generate"] - spans["learn"], "peak_gib": peak_bytes / 2**30}  # fmt: skip
 
 
