@@ -131,9 +131,9 @@ def compare(args, train_command) -> None:
 def _finished_or_run(directory: Path, command: list[str], marker: Path | None = None) -> dict:
     """Measure ``command``, unless a finished run with its measurements is already there."""
     cost_file = directory / "cost.json"
-    if cost_file.exists() and (marker or directory / "summary.json").exists():
-        if marker is not None or "eval_accuracy_after" in read_summary(directory):
-            return json.loads(cost_file.read_text())
+    finished = marker.exists() if marker is not None else "eval_accuracy_after" in read_summary(directory)
+    if cost_file.exists() and finished:
+        return json.loads(cost_file.read_text())
     cost = run_measured(command, directory / "train.log")
     cost_file.write_text(json.dumps(cost) + "\n")
     return cost

@@ -61,9 +61,8 @@ class SteeredLearner(nn.Module):
             logger.info("learner: %s attention drops attn_logit_softcapping; using eager", config._attn_implementation)
             model.set_attn_implementation("eager")
         shape = (config.num_hidden_layers, config.hidden_size)
-        initial = [torch.zeros(shape)] * runs if steering is None else list(steering)
-        if steering is not None and steering.dim() == 2:
-            initial = [steering] * runs
+        steering = torch.zeros(shape) if steering is None else steering
+        initial = [steering] * runs if steering.dim() == 2 else list(steering)
         for number, vectors in enumerate(initial):
             if tuple(vectors.shape) != shape:
                 raise ValueError(f"learner: run {number}'s steering has shape {tuple(vectors.shape)}, the model "

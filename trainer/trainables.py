@@ -59,7 +59,6 @@ class SteeringTrainable:
                  learner: SteeredLearner | None = None, run: int = 0, set_name: str | None = None):  # fmt: skip
         self.learner = learner if learner is not None else SteeredLearner(model, initial, gradient_checkpointing)
         self.model_name = model_name
-        self.run = run
         self.set_name = set_name
         self.vector_parameter = self.learner.run_vectors[run]
 
@@ -103,11 +102,9 @@ def build_sweep(model, configs: list, model_name: str) -> list[SteeringTrainable
     """One learner holding every run's vectors, and each run's trainable (a view of its row, synced as the
     per-request set ``run{r}``)."""
     num_layers = model.config.num_hidden_layers
-    initial = None
-    if any(config.init_vectors for config in configs):
-        shape = (num_layers, model.config.hidden_size)
-        initial = torch.stack([SteeringVectors.load(c.init_vectors, num_layers).to_tensor() if c.init_vectors
-                               else torch.zeros(shape) for c in configs])  # fmt: skip
+    shape = (num_layers, model.config.hidden_size)
+    initial = torch.stack([SteeringVectors.load(c.init_vectors, num_layers).to_tensor() if c.init_vectors
+                           else torch.zeros(shape) for c in configs])  # fmt: skip
     learner = SteeredLearner(model, initial, configs[0].gradient_checkpointing, runs=len(configs))
     return [SteeringTrainable(model, None, False, model_name, learner, run, f"run{run}") for run in range(len(configs))]
 

@@ -66,11 +66,12 @@ def learn_runs(learner, reference_logprobs, runs: list[RunBatch], pad_id: int) -
     chunks = micro_batches([k for k in range(len(items)) if not passive[k]], size)
     backward_chunks = len(chunks)
     chunks += micro_batches([k for k in range(len(items)) if passive[k]], size)
-    owners = [torch.tensor([items[k][0] for k in chunk], device=device) for chunk in chunks]
-    batches = [pad([runs[r].sequences[i] for r, i in (items[k] for k in chunk)], pad_id, device) for chunk in chunks]
+    members = [[items[k] for k in chunk] for chunk in chunks]  # each micro-batch's (run, sequence) pairs
+    owners = [torch.tensor([r for r, _ in pairs], device=device) for pairs in members]
+    batches = [pad([runs[r].sequences[i] for r, i in pairs], pad_id, device) for pairs in members]
     masks = []
-    for batch, chunk in zip(batches, chunks, strict=True):
-        keep = torch.stack([runs[r].keep[i] for r, i in (items[k] for k in chunk)]).to(device)
+    for batch, pairs in zip(batches, members, strict=True):
+        keep = torch.stack([runs[r].keep[i] for r, i in pairs]).to(device)
         masks.append(batch["mask"] * keep[:, None])
     denominators = []
     for r, run in enumerate(runs):
@@ -78,10 +79,10 @@ def learn_runs(learner, reference_logprobs, runs: list[RunBatch], pad_id: int) -
         local = loss_denominators(mine, run.options.normalization, run.options.constant)
         denominators.append(_global(local, mine, run.options, device))
     totals = [dict.fromkeys(("loss", "gap_sum", "gap_tokens", "kl_sum", "clipped_tokens"), 0.0) for _ in runs]
-    for number, (batch, mask, chunk, owner) in enumerate(zip(batches, masks, chunks, owners, strict=True)):
+    for number, (batch, mask, pairs, owner) in enumerate(zip(batches, masks, members, owners, strict=True)):
         ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch["positions"]
-        present = sorted({items[k][0] for k in chunk})
-        advantage = torch.stack([runs[r].advantage[i] for r, i in (items[k] for k in chunk)]).to(device)
+        present = sorted({r for r, _ in pairs})
+        advantage = torch.stack([runs[r].advantage[i] for r, i in pairs]).to(device)
         backward = number < backward_chunks
         with torch.set_grad_enabled(backward):
             rows = None if len(runs) == 1 else owner
