@@ -47,13 +47,7 @@ class SteeredLearner(nn.Module):
         runs: int = 1,
     ):
         super().__init__()
-        architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
-        if not set(architectures) & set(SUPPORTED):
-            raise ValueError(f"learner: model is {architectures}; steering supports {list(SUPPORTED)}")
-        for index, layer in enumerate(model.model.layers):
-            missing = [part for part in LAYER_PARTS if not hasattr(layer, part)]
-            if missing:
-                raise ValueError(f"learner: model.layers.{index} ({type(layer).__name__}) has no {missing}")
+        check_steerable(model)
         self.model = model.requires_grad_(False)
         config = model.config
         if getattr(config, "attn_logit_softcapping", None) and config._attn_implementation not in _SOFTCAP_ATTENTION:
@@ -114,6 +108,17 @@ class SteeredLearner(nn.Module):
         return _logprobs_of_next_tokens(self.model, hidden, input_ids, temperature)
 
 
+def check_steerable(model) -> None:
+    """Raise unless ``model`` is a transformers decoder of a family the learner's forward runs."""
+    architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+    if not set(architectures) & set(SUPPORTED):
+        raise ValueError(f"learner: model is {architectures}; steering supports {list(SUPPORTED)}")
+    for index, layer in enumerate(model.model.layers):
+        missing = [part for part in LAYER_PARTS if not hasattr(layer, part)]
+        if missing:
+            raise ValueError(f"learner: model.layers.{index} ({type(layer).__name__}) has no {missing}")
+
+
 def _logprobs_of_next_tokens(model, hidden, input_ids, temperature: float) -> torch.Tensor:
     logits = output_logits(model, hidden[:, :-1]) / temperature
     return logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0]
@@ -130,9 +135,16 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits if not cap else torch.tanh(logits / cap) * cap
 
 
-def steered_hidden_states(model, table, input_ids, attention_mask, gradient_checkpointing=False, runs=None):
+def steered_hidden_states(
+    model, table, input_ids, attention_mask, gradient_checkpointing=False, runs=None, streams: list | None = None
+):
     """``table`` [num_layers, R, d]: layer l's vectors for each of R runs; ``runs`` [B]: each sequence's row
-    (None: row 0, the fused op's single-row path)."""
+    (None: row 0, the fused op's single-row path). ``streams``: a list that receives the residual stream at the
+    end of each decoder layer l, its vector added ([B, T, d], l = 0 .. num_layers-1: where ``layers.{l}`` acts)."""
+    if streams is not None and gradient_checkpointing and torch.is_grad_enabled():
+        raise ValueError(
+            "learner: streams are read without gradient checkpointing (its recompute would add them twice)"
+        )
     decoder = model.model
     index = None if runs is None else runs.to(input_ids.device)[:, None].expand(input_ids.shape).reshape(-1)
     embeds = decoder.embed_tokens(input_ids)  # Gemma's embedding module scales by sqrt(d) itself
@@ -148,8 +160,10 @@ def steered_hidden_states(model, table, input_ids, attention_mask, gradient_chec
                 _layer, layer, hidden, residual, rows, index, mask, rotary, position_ids, use_reentrant=False
             )
         else:
-            hidden, residual = _layer(layer, hidden, residual, rows, index, mask, rotary, position_ids)
-    out, _ = steered_norm(hidden, residual, table[-1], decoder.norm, index)
+            hidden, residual = _layer(layer, hidden, residual, rows, index, mask, rotary, position_ids, streams)
+    out, last = steered_norm(hidden, residual, table[-1], decoder.norm, index)
+    if streams is not None:
+        streams.append(last)
     return out
 
 
@@ -189,11 +203,13 @@ def rotary_embeddings(rotary_emb, types, embeds, position_ids) -> list:
     return [built[kind] for kind in types]
 
 
-def _layer(layer, hidden, residual, rows, index, mask, rotary, position_ids):
+def _layer(layer, hidden, residual, rows, index, mask, rotary, position_ids, streams=None):
     if rows is None:  # layer 0: its input is the embeddings, never steered
         hidden = layer.input_layernorm(residual)
     else:
         hidden, residual = steered_norm(hidden, residual, rows, layer.input_layernorm, index)
+        if streams is not None:  # the previous layer's output, its vector added
+            streams.append(residual)
     attention = layer.self_attn(
         hidden_states=hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids
     )[0]

@@ -38,10 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         vectors = SteeringVectors.load(args.input, num_layers=args.num_layers)
+        changes = []
         if args.layers is not None:
             vectors = vectors.select_layers(args.layers)
+            changes.append(f"layers {','.join(map(str, sorted(set(args.layers))))} kept")
         if args.scale != 1.0:
             vectors = vectors.scale(args.scale)
+            changes.append(f"scaled by {args.scale:g}")
+        if changes:  # the file says it is not what its provenance made
+            previous = vectors.provenance.get("converted")
+            vectors.provenance["converted"] = "; ".join(filter(None, [previous, ", ".join(changes)]))
         if args.model:
             vectors.model = args.model
         vectors.save(args.output)

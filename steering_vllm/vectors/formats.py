@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ import torch
 FORMAT = "steering-vectors"
 FORMAT_VERSION = "1"
 SITE = "block_output"
+PROVENANCE_KEY = "provenance"  # optional metadata: a JSON object of strings saying how the vectors were made
 _TENSOR_NAME = re.compile(r"^layers\.(0|[1-9][0-9]*)$")
 
 _HF_BIAS = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.down_proj\.bias$")
@@ -39,13 +40,18 @@ class SteeringVectorsError(ValueError):
 
 @dataclass(frozen=True)
 class RawVectors:
-    """What a file holds, before any check of the values: layer index -> tensor, and the table's shape."""
+    """What a file holds, before any check of the values: layer index -> tensor, and the table's shape.
+
+    ``provenance``: how the vectors were made or converted (plain strings, e.g. the extraction method or the
+    foreign format read and how its layers were mapped); written into our format's metadata as one JSON string.
+    """
 
     vectors: dict[int, torch.Tensor]
     num_layers: int
     hidden_size: int
     model: str | None
     source: str
+    provenance: dict[str, str] = field(default_factory=dict)
 
 
 def read(path: Path, num_layers: int | None = None) -> RawVectors:
@@ -65,9 +71,8 @@ def read(path: Path, num_layers: int | None = None) -> RawVectors:
     )
 
 
-def write(path: Path, vectors: dict[int, torch.Tensor], num_layers: int, hidden_size: int, model: str | None) -> Path:
+def write(raw: RawVectors, path: Path) -> Path:
     """Write ``.safetensors`` (ours), ``.gguf`` (llama.cpp's) or ``.npy`` (the paper's) by extension, atomically."""
-    raw = RawVectors(vectors, num_layers, hidden_size, model, str(path))
     suffix = path.suffix.lower()
     writers = {".safetensors": _write_safetensors, ".gguf": _write_gguf, ".npy": _write_npy}
     if suffix not in writers:
@@ -144,10 +149,25 @@ def parse_ours(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
             raise SteeringVectorsError(
                 f"{source}: tensor 'layers.{layer}': layer index out of range for num_layers={num_layers}"
             )
-    return RawVectors(vectors, num_layers, hidden_size, metadata.get("model"), source)
+    return RawVectors(vectors, num_layers, hidden_size, metadata.get("model"), source, _provenance(metadata, source))
 
 
-def ours_metadata(num_layers: int, hidden_size: int, model: str | None) -> dict[str, str]:
+def _provenance(metadata: dict[str, str], source: str) -> dict[str, str]:
+    text = metadata.get(PROVENANCE_KEY)
+    if text is None:
+        return {}
+    try:
+        provenance = json.loads(text)
+    except json.JSONDecodeError:
+        provenance = None
+    if not isinstance(provenance, dict) or not all(isinstance(v, str) for v in provenance.values()):
+        raise SteeringVectorsError(f"{source}: metadata {PROVENANCE_KEY!r} is not a JSON object of strings")
+    return provenance
+
+
+def ours_metadata(
+    num_layers: int, hidden_size: int, model: str | None, provenance: dict[str, str] | None = None
+) -> dict[str, str]:
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -157,6 +177,8 @@ def ours_metadata(num_layers: int, hidden_size: int, model: str | None) -> dict[
     }
     if model:
         meta["model"] = model
+    if provenance:
+        meta[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
     return meta
 
 
@@ -164,7 +186,7 @@ def ours_bytes(raw: RawVectors) -> bytes:
     from safetensors.torch import save
 
     tensors = {f"layers.{layer}": vector.contiguous() for layer, vector in sorted(raw.vectors.items())}
-    return save(tensors, metadata=ours_metadata(raw.num_layers, raw.hidden_size, raw.model))
+    return save(tensors, metadata=ours_metadata(raw.num_layers, raw.hidden_size, raw.model, raw.provenance))
 
 
 def _write_safetensors(raw: RawVectors, path: Path) -> None:

@@ -17,6 +17,7 @@ def format_summary(info: dict) -> str:
         f"hidden_size  {info['hidden_size']}",
         f"layers set   {len(info['layers'])}",
         f"content hash {info['content_hash']}",
+        *(f"{key:12s} {value}" for key, value in sorted(info["provenance"].items())),
         "",
         "layer      norm",
     ]

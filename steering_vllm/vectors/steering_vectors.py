@@ -37,11 +37,13 @@ class SteeringVectors:
         hidden_size: int,
         model: str | None = None,
         source: str = "<tensors>",
+        provenance: dict[str, str] | None = None,
     ):
         self.num_layers = int(num_layers)
         self.hidden_size = int(hidden_size)
         self.model = model
         self.source = source
+        self.provenance = dict(provenance or {})  # how the vectors were made or converted (saved as metadata)
         if self.num_layers < 1 or self.hidden_size < 1:
             raise SteeringVectorsError(
                 f"{source}: num_layers and hidden_size must be positive, got {num_layers} and {hidden_size}"
@@ -88,7 +90,9 @@ class SteeringVectors:
                     _PARSED[key] = (num_layers, parsed)
                     while len(_PARSED) > _PARSED_KEEP:
                         _PARSED.popitem(last=False)
-        return cls(parsed.vectors, parsed.num_layers, parsed.hidden_size, parsed.model, parsed.source)
+        return cls(
+            parsed.vectors, parsed.num_layers, parsed.hidden_size, parsed.model, parsed.source, parsed.provenance
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> SteeringVectors:
@@ -97,12 +101,12 @@ class SteeringVectors:
 
     @classmethod
     def _from_raw(cls, raw: formats.RawVectors) -> SteeringVectors:
-        return cls(raw.vectors, raw.num_layers, raw.hidden_size, model=raw.model, source=raw.source)
+        return cls(raw.vectors, raw.num_layers, raw.hidden_size, raw.model, raw.source, raw.provenance)
 
     # ---- output -------------------------------------------------------------------------------------------
 
     def metadata(self) -> dict[str, str]:
-        return formats.ours_metadata(self.num_layers, self.hidden_size, self.model)
+        return formats.ours_metadata(self.num_layers, self.hidden_size, self.model, self.provenance)
 
     def to_bytes(self) -> bytes:
         return formats.ours_bytes(self._raw())
@@ -112,7 +116,7 @@ class SteeringVectors:
 
         The file is written to a temporary name first and renamed, so a reader never sees half a file.
         """
-        return formats.write(Path(path), self.vectors, self.num_layers, self.hidden_size, self.model)
+        return formats.write(self._raw(), Path(path))
 
     def to_tensor(self) -> torch.Tensor:
         """[num_layers, hidden_size] float32, zero rows for absent layers."""
@@ -122,7 +126,9 @@ class SteeringVectors:
         return table
 
     def _raw(self) -> formats.RawVectors:
-        return formats.RawVectors(self.vectors, self.num_layers, self.hidden_size, self.model, self.source)
+        return formats.RawVectors(
+            self.vectors, self.num_layers, self.hidden_size, self.model, self.source, self.provenance
+        )
 
     # ---- transforms ---------------------------------------------------------------------------------------
 
@@ -133,7 +139,7 @@ class SteeringVectors:
         overflowed = [layer for layer, vector in vectors.items() if _overflows(vector)]
         if overflowed:
             raise SteeringVectorsError(f"{self.source}: scale {factor:g} overflows float32 on layers {overflowed}")
-        return SteeringVectors(vectors, self.num_layers, self.hidden_size, self.model, self.source)
+        return SteeringVectors(vectors, self.num_layers, self.hidden_size, self.model, self.source, self.provenance)
 
     def select_layers(self, layers: Iterable[int]) -> SteeringVectors:
         """Keep only the given layers' vectors; the others become zero."""
@@ -145,7 +151,7 @@ class SteeringVectors:
                 )
             keep.add(layer)
         vectors = {layer: vector for layer, vector in self.vectors.items() if layer in keep}
-        return SteeringVectors(vectors, self.num_layers, self.hidden_size, self.model, self.source)
+        return SteeringVectors(vectors, self.num_layers, self.hidden_size, self.model, self.source, self.provenance)
 
     # ---- checks and summaries -----------------------------------------------------------------------------
 
@@ -171,6 +177,7 @@ class SteeringVectors:
             "layers": sorted(self.vectors),
             "norms": self.norms(),
             "content_hash": self.content_hash(),
+            "provenance": self.provenance,
         }
 
     def norms(self) -> list[float]:

@@ -142,6 +142,17 @@ def test_convert_command_round_trips_through_every_format(tmp_path, capsys):
     assert "layer 0 has a non-zero vector" in capsys.readouterr().err
 
 
+def test_convert_records_what_it_changed_in_the_provenance(tmp_path, capsys):
+    made = SteeringVectors(SteeringVectors.from_tensor(torch.randn(4, 8)).vectors, 4, 8, provenance={"method": "pca"})
+    made.save(tmp_path / "a.safetensors")
+    assert convert_cmd.main([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--layers", "2,1"]) == 0
+    assert convert_cmd.main([str(tmp_path / "b.safetensors"), str(tmp_path / "c.safetensors"), "--scale", "-2"]) == 0
+    provenance = SteeringVectors.load(tmp_path / "c.safetensors").provenance
+    assert provenance == {"method": "pca", "converted": "layers 1,2 kept; scaled by -2"}
+    assert inspect_cmd.main([str(tmp_path / "c.safetensors")]) == 0
+    assert "converted    layers 1,2 kept; scaled by -2" in capsys.readouterr().out
+
+
 def test_inspect_command(tmp_path, capsys):
     vectors = SteeringVectors.from_tensor(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), model="tiny")
     path = vectors.save(tmp_path / "v.safetensors")

@@ -29,6 +29,18 @@ def test_save_load_round_trip_keeps_values_metadata_and_hash(tmp_path):
     assert loaded.content_hash() == vectors.content_hash()
 
 
+def test_provenance_survives_save_load_and_transforms_and_stays_out_of_the_hash(tmp_path):
+    provenance = {"method": "mean_diff", "pairs": "48"}
+    table = torch.randn(4, 8)
+    vectors = SteeringVectors.from_tensor(table)
+    made = SteeringVectors(vectors.vectors, 4, 8, provenance=provenance)
+    loaded = SteeringVectors.load(made.scale(2.0).select_layers([1, 2]).save(tmp_path / "v.safetensors"))
+    assert loaded.provenance == provenance
+    assert loaded.summary()["provenance"] == provenance
+    assert made.content_hash() == vectors.content_hash()
+    assert SteeringVectors.from_bytes(made.to_bytes()).provenance == provenance
+
+
 def test_file_layout_is_the_contract(tmp_path):
     from safetensors import safe_open
 
@@ -112,6 +124,7 @@ def test_check_compatible_names_file_and_both_sizes(tmp_path):
             r"'num_layers' is missing",
         ),
         ({"layers.0": torch.zeros(8)}, {**META, "site": "attention"}, r"'site' is 'attention'"),
+        ({"layers.0": torch.zeros(8)}, {**META, "provenance": "[1]"}, r"'provenance' is not a JSON object of str"),
     ],
 )
 def test_bad_files_are_refused_with_the_file_and_the_problem(tmp_path, tensors, metadata, message):
