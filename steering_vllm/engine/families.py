@@ -7,6 +7,7 @@ import os
 
 from steering_vllm.config import per_request_options, steering_options
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
+from steering_vllm.vectors.foreign import check_model_hint
 
 # Architecture name (a checkpoint's config.json) -> vLLM's module and class for it. Each is served by a steered
 # subclass built by ``steering_vllm.engine.models`` (one mechanism for all: the norms are found from the model's own
@@ -77,4 +78,20 @@ def vectors_for_model(vectors: SteeringVectors | str | os.PathLike, model_config
     if not isinstance(vectors, SteeringVectors):
         vectors = SteeringVectors.load(vectors, num_layers=text_config.num_hidden_layers)
     vectors.check_compatible(text_config.num_hidden_layers, text_config.hidden_size, model_config.model)
+    # repeng and llama.cpp name the model type a GGUF control vector was made for ("llama", "qwen2"); a hint that
+    # is a model's name or path (our writer's) is not checked, as a model is served under many names
+    hint = vectors.provenance.get("model_hint")
+    if hint and _normalised(hint) in _hf_model_types():
+        model_types = {getattr(model_config.hf_config, "model_type", None), getattr(text_config, "model_type", None)}
+        check_model_hint(hint, sorted(filter(None, model_types)), vectors.source)
     return vectors
+
+
+def _normalised(name: str) -> str:
+    return name.replace("-", "").replace("_", "").lower()
+
+
+def _hf_model_types() -> set[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return {_normalised(model_type) for model_type in CONFIG_MAPPING_NAMES}

@@ -6,6 +6,7 @@
 - the paper code's ``.npy`` of shape [L, d];
 - llama.cpp / repeng GGUF control vectors: ``direction.{n}`` is added to the output of block n (0-based),
   so it is our ``layers.{n}``; llama.cpp has no slot for block 0, so a vector on layer 0 cannot be written.
+  GGUF and the other libraries' files are read by ``foreign``.
 
 Readers return a ``RawVectors`` (the layers' tensors as the file holds them, the shape and where they came from)
 and writers take the same plain data; ``SteeringVectors`` (``steering_vectors.py``) is the one constructor that
@@ -30,7 +31,6 @@ PROVENANCE_KEY = "provenance"  # optional metadata: a JSON object of strings say
 _TENSOR_NAME = re.compile(r"^layers\.(0|[1-9][0-9]*)$")
 
 _HF_BIAS = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.down_proj\.bias$")
-_GGUF_DIRECTION = re.compile(r"^direction\.(\d+)$")
 GGUF_ARCH = "controlvector"
 
 
@@ -54,21 +54,29 @@ class RawVectors:
     provenance: dict[str, str] = field(default_factory=dict)
 
 
-def read(path: Path, num_layers: int | None = None) -> RawVectors:
-    if path.is_dir():
-        return load_hf_checkpoint(path, num_layers)
+def read(path: Path, num_layers: int | None = None, fmt: str | None = None, **options) -> RawVectors:
+    """Any file or directory of vectors we read: ours, the paper code's, or another library's (``foreign``).
+
+    ``fmt`` names a foreign format instead of detecting it; ``options`` are the foreign readers' (e.g. ``layers``,
+    ``gguf_layers``, ``expected_model``)."""
+    from steering_vllm.vectors import foreign
+
     if not path.exists():
         raise SteeringVectorsError(f"{path}: file not found")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return load_npy(path)
+    if fmt is None and not options:
+        if path.is_dir() and any(path.glob("*.safetensors")):
+            return load_hf_checkpoint(path, num_layers)
+        if suffix == ".npy":
+            return load_npy(path)
+        if suffix == ".safetensors":
+            return load_safetensors(path, num_layers)
     if suffix == ".gguf":
-        return load_gguf(path, num_layers)
-    if suffix == ".safetensors":
-        return load_safetensors(path, num_layers)
-    raise SteeringVectorsError(
-        f"{path}: unknown extension {path.suffix!r}; expected .safetensors, .npy, .gguf or an HF checkpoint directory"
-    )
+        return foreign.read_gguf(path, num_layers, fmt=fmt, **options)
+    if fmt is None and foreign.detect(path) is None:
+        known = "our .safetensors, an HF checkpoint, .npy [L, d], .gguf, or " + ", ".join(foreign.FORMATS)
+        raise SteeringVectorsError(f"{path}: not a steering-vector file this reader knows (it reads {known})")
+    return foreign.read_foreign(path, num_layers, fmt=fmt, **options)
 
 
 def write(raw: RawVectors, path: Path) -> Path:
@@ -274,32 +282,6 @@ def _write_npy(raw: RawVectors, path: Path) -> None:
 # ---- GGUF control vectors (llama.cpp, repeng) ---------------------------------------------------------------
 
 
-def load_gguf(path: Path, num_layers: int | None = None) -> RawVectors:
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError) as e:
-        raise SteeringVectorsError(f"{path}: not a readable GGUF file ({e})") from None
-    arch = _gguf_string(reader, "general.architecture")
-    if arch != GGUF_ARCH:
-        raise SteeringVectorsError(f"{path}: GGUF architecture is {arch!r}, expected {GGUF_ARCH!r} (a control vector)")
-    vectors: dict[int, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        match = _GGUF_DIRECTION.match(tensor.name)
-        if match is None:
-            raise SteeringVectorsError(f"{path}: unknown tensor name {tensor.name!r} (expected 'direction.<block>')")
-        data = np.asarray(tensor.data)
-        if data.ndim != 1:
-            raise SteeringVectorsError(f"{path}: tensor {tensor.name!r} has shape {data.shape}, expected 1-D")
-        vectors[int(match.group(1))] = torch.from_numpy(data.astype(np.float32))
-    if not vectors:
-        raise SteeringVectorsError(f"{path}: no 'direction.<block>' tensors found")
-    hidden_size = _common_length(vectors, path)
-    model = _gguf_string(reader, f"{GGUF_ARCH}.model_hint") or None
-    return RawVectors(vectors, num_layers or max(vectors) + 1, hidden_size, model, str(path))
-
-
 def _check_gguf_writable(raw: RawVectors, path: Path) -> None:
     layer0 = raw.vectors.get(0)
     if layer0 is not None and bool(layer0.any()):
@@ -323,13 +305,6 @@ def _write_gguf(raw: RawVectors, path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-def _gguf_string(reader, key: str) -> str | None:
-    field = reader.get_field(key)
-    if field is None:
-        return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
 def _common_length(vectors: dict[int, torch.Tensor], source: Path) -> int:

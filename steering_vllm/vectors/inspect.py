@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from steering_vllm.vectors.convert import add_reading_args, reading_options
 from steering_vllm.vectors.steering_vectors import SteeringVectors, SteeringVectorsError
 
 
@@ -29,12 +30,15 @@ def format_summary(info: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m steering_vllm.vectors.inspect", description=__doc__)
-    parser.add_argument("path", help="vectors in any readable format (.safetensors, .npy, .gguf, HF checkpoint)")
+    parser.add_argument(
+        "path", help="vectors in any readable format (ours, .npy, .gguf, HF checkpoint, other libraries')"
+    )
     parser.add_argument("--num-layers", type=int, help="model's layer count, for inputs that do not record it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_reading_args(parser)
     args = parser.parse_args(argv)
     try:
-        info = SteeringVectors.load(args.path, num_layers=args.num_layers).summary()
+        info = SteeringVectors.load(args.path, num_layers=args.num_layers, **reading_options(args)).summary()
     except SteeringVectorsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -71,13 +71,19 @@ class SteeringVectors:
         return cls(vectors, table.shape[0], table.shape[1], model=model, source=source)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, num_layers: int | None = None) -> SteeringVectors:
-        """Read our format, or convert a paper-code .npy, an HF checkpoint with ``down_proj.bias``, or a GGUF file.
+    def load(
+        cls, path: str | os.PathLike, num_layers: int | None = None, fmt: str | None = None, **options
+    ) -> SteeringVectors:
+        """Read our format, or convert a paper-code .npy, an HF checkpoint with ``down_proj.bias``, a GGUF control
+        vector, or another library's file (IBM activation-steering, EasyEdit, pyvene, hotwire-vllm:
+        ``steering_vllm.vectors.foreign``, whose ``fmt`` and options this passes on).
 
         ``num_layers`` is used only by formats that do not record the layer count (GGUF, HF checkpoints
         without a config.json); otherwise it is inferred from the highest layer present. A file is parsed once
         per process while it stays unchanged; each call returns a new instance.
         """
+        if fmt is not None or options:
+            return cls._from_raw(formats.read(Path(path), num_layers, fmt, **options))
         key = _file_identity(cls, path)
         with _PARSED_LOCK:
             asked, parsed = _PARSED.get(key, (None, None)) if key is not None else (None, None)

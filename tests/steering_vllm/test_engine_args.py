@@ -139,3 +139,24 @@ def test_each_vector_file_is_parsed_once_on_the_way_to_the_engine(parser, tiny_m
     sets = load_sets(vllm_config.model_config, vllm_config.additional_config)
     assert sorted(parsed) == ["a.safetensors", "default.safetensors"]
     assert torch.equal(sets.sets["a"].to_tensor(), SteeringVectors.load(other).to_tensor())
+
+
+@pytest.mark.parametrize("hint, refused", [("llama", True), ("qwen2", False), ("my-org/qwen-finetune", False)])
+def test_a_gguf_model_type_hint_is_checked_against_the_model(tiny_model_dirs, tmp_path, hint, refused):
+    """repeng and llama.cpp record the model type a control vector was made for: a Llama vector on a Qwen2 model is
+    refused at start-up; a hint that is a model name (our writer's) is not a type and is not checked."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    table = torch.randn(4, 128)
+    table[0] = 0  # GGUF has no slot for block 0
+    path = SteeringVectors.from_tensor(table, model=hint).save(tmp_path / "v.gguf")
+    args = EngineArgs(
+        model=str(tiny_model_dirs["qwen2"]), max_model_len=256, additional_config={"steering_vectors": str(path)}
+    )
+    if refused:
+        with pytest.raises(
+            ValueError, match=r"v\.gguf: the file was made for model 'llama' \(its model hint\), expected 'qwen2'"
+        ):
+            args.create_engine_config()
+    else:
+        assert args.create_engine_config().additional_config["steering_vectors"] == str(path)

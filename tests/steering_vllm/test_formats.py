@@ -52,7 +52,7 @@ def test_hf_checkpoint_directory_and_file_with_down_proj_bias(tmp_path):
     from_file = SteeringVectors.load(single)
     assert sorted(from_file.vectors) == [0, 5] and from_file.num_layers == 6  # config.json next to the file
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SteeringVectorsError, match="no .safetensors files"):
+    with pytest.raises(SteeringVectorsError, match="empty: not a steering-vector file this reader knows"):
         SteeringVectors.load(tmp_path / "empty")
 
 
@@ -93,7 +93,7 @@ def test_gguf_written_by_llama_cpp_tools_is_read(tmp_path):
     assert vectors.num_layers == 32 and sorted(vectors.vectors) == [3, 7]
     assert np.array_equal(vectors.vectors[7].numpy(), directions[7])
     assert SteeringVectors.load(path).num_layers == 8  # without a model: the highest block + 1
-    with pytest.raises(SteeringVectorsError, match="'layers.7': layer index out of range for num_layers=4"):
+    with pytest.raises(SteeringVectorsError, match="'direction.7' maps to layers.7, out of range for num_layers=4"):
         SteeringVectors.load(path, num_layers=4)
 
 
@@ -173,3 +173,57 @@ def test_commands_run_as_modules(tmp_path):
         check=True,
     )
     assert '"norms": [\n    2.0,\n    2.0\n  ]' in result.stdout
+
+
+def test_other_libraries_files_load_by_detection_and_say_how_they_were_mapped(tmp_path):
+    """The readers of ``foreign`` behind ``SteeringVectors.load``, ``--steering-vectors``' check and the commands:
+    an IBM activation-steering .svec (added at block i's input: our layers.{i-1}), an EasyEdit layer directory, and
+    a hotwire-vllm table, which needs its layer named."""
+    import json
+
+    directions = {str(i): [float(i + 1)] * 8 for i in range(1, 4)}
+    (tmp_path / "happy.svec").write_text(json.dumps({"model_type": "llama", "directions": directions,
+                                                     "explained_variances": {}}))  # fmt: skip
+    vectors = SteeringVectors.load(tmp_path / "happy.svec")
+    assert sorted(vectors.vectors) == [0, 1, 2] and torch.equal(vectors.vectors[0], torch.full((8,), 2.0))
+    assert vectors.provenance["format"] == "ibm-svec"
+    (tmp_path / "easyedit").mkdir()
+    torch.save(torch.ones(8, dtype=torch.bfloat16), tmp_path / "easyedit" / "layer_2.pt")
+    assert sorted(SteeringVectors.load(tmp_path / "easyedit", num_layers=4).vectors) == [2]
+    torch.save(torch.randn(4, 8), tmp_path / "chaos.pt")
+    with pytest.raises(SteeringVectorsError, match=r"chaos\.pt: .*--source-layers"):
+        SteeringVectors.load(tmp_path / "chaos.pt")
+    assert sorted(SteeringVectors.load(tmp_path / "chaos.pt", layers=[3]).vectors) == [3]
+
+
+def test_convert_and_inspect_read_a_llama_cpp_control_vector_as_applied_or_as_read(tmp_path, capsys):
+    path = tmp_path / "cv.gguf"
+    writer = gguf.GGUFWriter(path, "controlvector")  # as llama.cpp's cvector-generator writes it
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_int32("controlvector.layer_count", 3)
+    for block in (1, 2, 3):
+        writer.add_tensor(f"direction.{block}", np.full(8, block, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert convert_cmd.main([str(path), str(tmp_path / "applied.safetensors")]) == 0
+    assert convert_cmd.main([str(path), str(tmp_path / "read.safetensors"), "--gguf-layers", "as-read"]) == 0
+    applied, read = (SteeringVectors.load(tmp_path / f"{n}.safetensors") for n in ("applied", "read"))
+    assert sorted(applied.vectors) == [1, 2, 3] and sorted(read.vectors) == [0, 1, 2]
+    assert torch.equal(read.vectors[0], applied.vectors[1])
+    assert read.provenance["format"] == "llama-cpp-gguf" and read.provenance["gguf_layers"] == "as-read"
+    capsys.readouterr()
+    assert inspect_cmd.main([str(tmp_path / "read.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "format       llama-cpp-gguf" in out and "our layers.{X-1}" in out
+    assert convert_cmd.main([str(path), str(tmp_path / "x.safetensors"), "--expected-model", "qwen2"]) == 2
+    assert "made for model 'llama'" in capsys.readouterr().err
+
+
+def test_the_steering_vllm_command_runs_convert_and_inspect(tmp_path):
+    path = SteeringVectors.from_tensor(torch.ones(2, 4)).save(tmp_path / "v.safetensors")
+    run = [sys.executable, "-m", "steering_vllm"]
+    subprocess.run([*run, "convert", str(path), str(tmp_path / "v.npy")], check=True, capture_output=True)
+    result = subprocess.run([*run, "inspect", str(tmp_path / "v.npy")], capture_output=True, text=True, check=True)
+    assert "hidden_size  4" in result.stdout
