@@ -9,7 +9,10 @@ VECTORS_KEY = "steering_vectors"
 SCALE_KEY = "steering_scale"
 SETS_KEY = "steering_sets"
 MAX_CONFIGS_KEY = "max_steering_configs"
-KNOWN_KEYS = frozenset({VECTORS_KEY, SCALE_KEY, SETS_KEY, MAX_CONFIGS_KEY})
+PHASE_KEY = "steering_phase"  # the positions a request without its own choice is steered at
+KNOWN_KEYS = frozenset({VECTORS_KEY, SCALE_KEY, SETS_KEY, MAX_CONFIGS_KEY, PHASE_KEY})
+# Which positions a request's vectors are added at: all, its prompt's tokens only, or its generated tokens only.
+PHASES = ("all", "prompt", "generation")
 
 # Distinct steering configurations (resolved vector sets) an engine serves side by side when per-request
 # steering is on. Each costs one table row per steered norm: 32 rows of a 14B model (48 x 5120 floats) are
@@ -39,12 +42,13 @@ def steering_options(additional_config: dict[str, Any] | None) -> tuple[str | No
 def per_request_options(additional_config: dict[str, Any] | None) -> tuple[dict[str, str], int] | None:
     """({set name: path}, max configurations) when per-request steering is on, else None.
 
-    It is on when ``steering_sets`` or ``max_steering_configs`` is given (as LoRA is on with ``--enable-lora``):
-    without either, an engine serves one set to every request through the single-row path it always had.
+    It is on when ``steering_sets`` or ``max_steering_configs`` is given (as LoRA is on with ``--enable-lora``),
+    or a ``steering_phase`` other than ``all`` (a phase needs the per-token rows); otherwise an engine serves one
+    set to every request through the single-row path it always had.
     """
     config = additional_config or {}
     steering_options(config)
-    if SETS_KEY not in config and MAX_CONFIGS_KEY not in config:
+    if SETS_KEY not in config and MAX_CONFIGS_KEY not in config and default_phase(config) == "all":
         return None
     sets = config.get(SETS_KEY) or {}
     if not isinstance(sets, dict):
@@ -57,6 +61,14 @@ def per_request_options(additional_config: dict[str, Any] | None) -> tuple[dict[
     if isinstance(max_configs, bool) or not isinstance(max_configs, int) or max_configs < 1:
         raise ValueError(f"additional_config[{MAX_CONFIGS_KEY!r}] must be a positive integer, got {max_configs!r}")
     return dict(sets), max_configs
+
+
+def default_phase(additional_config: dict[str, Any] | None) -> str:
+    """The phase requests that do not choose one are steered in (``steering_phase``, default ``all``)."""
+    phase = (additional_config or {}).get(PHASE_KEY, "all")
+    if phase not in PHASES:
+        raise ValueError(f"additional_config[{PHASE_KEY!r}] must be one of {list(PHASES)}, got {phase!r}")
+    return phase
 
 
 def check_set_name(name: Any) -> str:

@@ -18,6 +18,8 @@ import os
 from steering_vllm.config import (
     DEFAULT_MAX_CONFIGS,
     MAX_CONFIGS_KEY,
+    PHASE_KEY,
+    PHASES,
     SCALE_KEY,
     SETS_KEY,
     VECTORS_KEY,
@@ -106,6 +108,14 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
         "giving it alone turns on per-request steering with no sets yet.",
     )
     group.add_argument(
+        "--steering-phase",
+        choices=PHASES,
+        default=None,
+        help='Positions steered for requests that do not choose (vllm_xargs {"steering_phase": ...}): all '
+        "(default), the prompt's only, or the generated tokens' only. A phase other than all turns on "
+        "per-request steering.",
+    )
+    group.add_argument(
         "--steering-dir",
         type=_directory,
         default=None,
@@ -132,6 +142,9 @@ def route_steering_args(args: argparse.Namespace, engine_args) -> None:
     max_configs = getattr(args, "max_steering_configs", None)
     if max_configs is not None:
         routed[MAX_CONFIGS_KEY] = max_configs
+    phase = getattr(args, "steering_phase", None)
+    if phase is not None:
+        routed[PHASE_KEY] = phase
     if routed:
         engine_args.additional_config = {**(engine_args.additional_config or {}), **routed}
 

@@ -29,10 +29,18 @@ from contextvars import ContextVar
 
 from vllm.exceptions import VLLMValidationError
 
-from steering_vllm.config import per_request_options, steering_options
+from steering_vllm.config import default_phase, per_request_options, steering_options
 from steering_vllm.per_request.admission import Admission, wrap_async_client, wrap_sync_client
 from steering_vllm.per_request.guard import START_WITH_SETS, STEERING_KEYS
-from steering_vllm.per_request.sets import CONFIG_KEY, Configuration, SteeringSets, parse_choice, salted
+from steering_vllm.per_request.sets import (
+    CONFIG_KEY,
+    PHASE_KEY,
+    Configuration,
+    SteeringSets,
+    parse_choice,
+    parse_phase,
+    salted,
+)
 from steering_vllm.vectors.steering_vectors import SteeringVectors, SteeringVectorsError
 
 # An HTTP request's steering choice, resolved once on arrival (``endpoint.SetAsModelMiddleware``) and used for
@@ -92,7 +100,7 @@ def install(engine) -> None:
         _wrap_process_inputs(engine, refuse_choice)
         return
     engine.steering_sets = sets = load_sets(vllm_config.model_config, vllm_config.additional_config)
-    front = SteeringFrontEnd(sets, engine)
+    front = SteeringFrontEnd(sets, engine, default_phase(vllm_config.additional_config))
     _wrap_process_inputs(engine, front.resolve)
     if front.is_async:  # AsyncLLM
 
@@ -152,9 +160,10 @@ def load_sets(model_config, additional_config) -> SteeringSets:
 
 
 class SteeringFrontEnd:
-    def __init__(self, sets: SteeringSets, engine):
+    def __init__(self, sets: SteeringSets, engine, phase: str = "all"):
         self.sets = sets
         self.engine = engine
+        self.phase = phase  # for requests that do not choose one
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.is_async = isinstance(engine, AsyncLLM)
@@ -169,12 +178,15 @@ class SteeringFrontEnd:
             return request
         try:
             configuration = resolve_pinned(self.sets, params.extra_args)
+            phase = parse_phase(params.extra_args, self.phase)
         except ValueError as e:
             raise SteeringChoiceError(str(e)) from None
         if not self.is_async:  # AsyncLLM waits for a row when the client adds the request; LLM refuses it now
             self.admission.refuse_when_full(configuration)
-        params.extra_args = {**(params.extra_args or {}), CONFIG_KEY: configuration.content_hash}
-        request.cache_salt = salted(configuration.content_hash, request.cache_salt)
+        phase = "all" if configuration.is_zero else phase  # unsteered at every position either way
+        params.extra_args = {**(params.extra_args or {}), CONFIG_KEY: configuration.content_hash, PHASE_KEY: phase}
+        prompt_length = _prompt_length(request)
+        request.cache_salt = salted(configuration.content_hash, request.cache_salt, phase, prompt_length)
         self.known[configuration.content_hash] = configuration
         self.known.move_to_end(configuration.content_hash)
         if len(self.known) > 4 * self.sets.max_configs:
@@ -199,3 +211,10 @@ class SteeringFrontEnd:
                     f"steering: request {request.request_id}'s set changed while it was being admitted; send it again"
                 )
         return configuration
+
+
+def _prompt_length(request) -> int:
+    """The number of prompt positions of an ``EngineCoreRequest`` (token ids or embeddings)."""
+    if request.prompt_token_ids is not None:
+        return len(request.prompt_token_ids)
+    return int(request.prompt_embeds.shape[0]) if request.prompt_embeds is not None else 0

@@ -18,10 +18,12 @@ from __future__ import annotations
 import functools
 
 from steering_vllm.config import per_request_options
-from steering_vllm.per_request.sets import CHOICE_KEY, CONFIG_KEY, SCALE_KEY
+from steering_vllm.per_request.sets import CHOICE_KEY, CONFIG_KEY, PHASE_KEY, SCALE_KEY
 
-STEERING_KEYS = (CHOICE_KEY, SCALE_KEY, CONFIG_KEY)
-START_WITH_SETS = "start the server with --steering-sets NAME=PATH (or --max-steering-configs N)"
+STEERING_KEYS = (CHOICE_KEY, SCALE_KEY, PHASE_KEY, CONFIG_KEY)
+START_WITH_SETS = (
+    "start the server with --steering-sets NAME=PATH (or --max-steering-configs N, or --steering-phase for a phase)"
+)
 
 
 def install() -> None:

@@ -6,6 +6,11 @@ of its configuration (the content hash the front end put in its ``extra_args``),
 configuration's vectors into a free row the first time, and fills the per-token index the norms read:
 one numpy gather over the batch's token-to-request map, no loop over tokens.
 
+A request limited to a phase (``steering_phase``: ``prompt`` or ``generation``) reads its row at its prompt's
+positions only (position < prompt length) or at its generated tokens' only, and row 0 elsewhere: positions are
+the runner's own (computed tokens + offset in the chunk), so chunked prefill, preemption and recomputation
+keep each position in its phase.
+
 A row stays with a configuration while any request using it is still known to the model runner, so a
 request keeps its vectors for its whole life even when its set is replaced or removed meanwhile; rows no
 request uses are reused, least recently used first. Every tensor- and pipeline-parallel rank sees the same
@@ -19,8 +24,10 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from steering_vllm.per_request.sets import CONFIG_KEY
+from steering_vllm.per_request.sets import CONFIG_KEY, PHASE_KEY
 from steering_vllm.vectors.steering_vectors import table_hash
+
+PHASE_CODES = {"all": 0, "prompt": 1, "generation": 2}
 
 
 class RowAssigner:
@@ -31,6 +38,7 @@ class RowAssigner:
         self.zero_hash = table_hash(torch.zeros(model.steering_num_layers, model.steering_hidden_size))
         self.store: dict[str, torch.Tensor] = {}  # configuration hash -> [L, d] vectors, sent by the front end
         self.request_row: dict[str, int] = {}
+        self.request_phase: dict[str, int] = {}  # 0 every position, 1 prompt only, 2 generation only
         self.row_users = [0] * num_rows
         self.row_config: list[str | None] = [None] * num_rows
         self.config_row: dict[str, int] = {}
@@ -58,10 +66,26 @@ class RowAssigner:
         )
         scheduled = int(runner.query_start_loc.np[num_reqs])
         host = self.host_index
-        np.take(rows, runner.req_indices.np[:scheduled], out=host[:scheduled])
+        token_requests = runner.req_indices.np[:scheduled]
+        np.take(rows, token_requests, out=host[:scheduled])
+        phases = np.fromiter(
+            (self.request_phase[request_id] for request_id in batch.req_ids[:num_reqs]), dtype=np.int8, count=num_reqs
+        )
+        if phases.any():
+            self._limit_to_phases(runner, phases, token_requests, host[:scheduled])
         host[scheduled:num_tokens] = 0
         if self.index.device.type != "cpu":
             self.index[:num_tokens].copy_(torch.from_numpy(host[:num_tokens]), non_blocking=True)
+
+    @staticmethod
+    def _limit_to_phases(runner, phases, token_requests, host) -> None:
+        """Row 0 for the tokens outside their request's phase; positions as the runner computes them."""
+        batch = runner.input_batch
+        positions = batch.num_computed_tokens_cpu[token_requests] + runner.query_pos.np[: len(token_requests)]
+        in_prompt = positions < batch.num_prompt_tokens[token_requests]
+        token_phases = phases[token_requests]
+        outside = ((token_phases == 1) & ~in_prompt) | ((token_phases == 2) & in_prompt)
+        host[outside] = 0
 
     def release_ended(self, requests) -> None:
         """Give up the rows of requests the runner no longer knows (finished or aborted)."""
@@ -73,9 +97,11 @@ class RowAssigner:
         if row is not None:
             return row
         params = state.sampling_params
-        content_hash = (params.extra_args or {}).get(CONFIG_KEY) if params is not None else None
+        extra_args = (params.extra_args or {}) if params is not None else {}
+        content_hash = extra_args.get(CONFIG_KEY)
         row = 0 if content_hash in (None, self.zero_hash) else self._acquire(content_hash, request_id)
         self.request_row[request_id] = row
+        self.request_phase[request_id] = PHASE_CODES[extra_args.get(PHASE_KEY, "all")]
         if row:
             self.row_users[row] += 1
         return row
@@ -106,6 +132,7 @@ class RowAssigner:
         return row
 
     def _release(self, request_id: str) -> None:
+        self.request_phase.pop(request_id, None)
         row = self.request_row.pop(request_id)
         if row == 0:
             return

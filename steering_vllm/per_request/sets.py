@@ -2,8 +2,9 @@
 
 A request chooses its vectors with ``SamplingParams.extra_args``: ``{"steering": "a"}``, ``{"steering": "a",
 "steering_scale": 0.5}``, ``{"steering": ["a", "b"], "steering_scale": [1.0, -0.5]}`` (the weighted sum) or
-``{"steering": "none"}``; without the key it gets the default set. The choice resolves to a *configuration*:
-the [L, d] vectors it asks for, named by their content hash. Requests with equal vectors share a
+``{"steering": "none"}``; without the key it gets the default set. ``"steering_phase"`` (``all``, ``prompt``,
+``generation``) limits the vectors to the prompt's positions or the generated ones. The choice resolves to a
+*configuration*: the [L, d] vectors it asks for, named by their content hash. Requests with equal vectors share a
 configuration, whatever names they used, and the prefix cache is keyed by it (``salted``).
 
 ``SteeringSets`` also keeps the books the workers rely on: which requests are live with which configuration
@@ -19,11 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from steering_vllm.config import check_set_name
+from steering_vllm.config import PHASES, check_set_name
 from steering_vllm.vectors.steering_vectors import SteeringVectors
 
 CHOICE_KEY = "steering"
 SCALE_KEY = "steering_scale"
+PHASE_KEY = "steering_phase"
 CONFIG_KEY = "steering_config"  # set by the engine: the resolved configuration's content hash
 NO_STEERING = "none"
 SALT_PREFIX = "steering:"
@@ -80,9 +82,25 @@ def parse_choice(extra_args: dict | None) -> tuple[tuple[str, float], ...] | Non
     return tuple(choice)
 
 
-def salted(content_hash: str, user_salt: str | None) -> str:
-    """The request's ``cache_salt``: its configuration, plus any salt the user gave (both key every block)."""
+def parse_phase(extra_args: dict | None, default: str = "all") -> str:
+    """The positions a request is steered at: its ``steering_phase``, or ``default``."""
+    phase = (extra_args or {}).get(PHASE_KEY, default)
+    if phase not in PHASES:
+        raise ValueError(f"{PHASE_KEY!r} must be one of {list(PHASES)}, got {phase!r}")
+    return phase
+
+
+def salted(content_hash: str, user_salt: str | None, phase: str = "all", prompt_length: int = 0) -> str:
+    """The request's ``cache_salt``: its configuration, plus any salt the user gave (both key every block).
+
+    A phase other than ``all`` adds the phase and the prompt's length: a block's keys and values depend on where
+    the steered positions start, and vLLM caches generated tokens' blocks too, so a request whose prompt is
+    another's prompt plus part of its generation must not reuse those blocks (their positions were steered as
+    generation there, as prompt here). Requests of one phase share blocks when their prompts have one length
+    (the n samples of a prompt, a repeated prompt)."""
     salt = SALT_PREFIX + content_hash
+    if phase != "all":
+        salt = f"{salt}:{phase}:{prompt_length}"
     return salt if user_salt is None else f"{salt}|{user_salt}"
 
 

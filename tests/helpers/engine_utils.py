@@ -63,17 +63,31 @@ def shutdown(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-def hf_reference(model_dir, table: torch.Tensor | None, prompts, generations) -> list[dict]:
-    """Teacher-forced HF logprobs of the generated tokens, and the HF argmax at each step."""
+def hf_reference(model_dir, table: torch.Tensor | None, prompts, generations, phase: str = "all") -> list[dict]:
+    """Teacher-forced HF logprobs of the generated tokens, and the HF argmax at each step. ``phase``: add the
+    vectors at every position, at the prompt's positions only, or at the generated tokens' only."""
     from transformers import AutoModelForCausalLM
 
     # eager attention: SDPA drops Gemma 2's attention logit soft cap, which vLLM applies
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
-    if table is not None:
-        for layer, block in enumerate(model.model.layers):
-            block.register_forward_hook(_add_to_output(table[layer]))
-    return teacher_forced(model, prompts, generations)
+    if table is None:
+        return teacher_forced(model, prompts, generations)
+    results = []
+    for prompt, generation in zip(prompts, generations, strict=True):
+        positions = torch.arange(len(prompt) + len(generation["tokens"]))
+        steered = {"all": positions >= 0, "prompt": positions < len(prompt), "generation": positions >= len(prompt)}
+        mask = steered[phase][None, :, None].float()
+        handles = [
+            block.register_forward_hook(_add_to_output(table[layer], mask))
+            for layer, block in enumerate(model.model.layers)
+        ]
+        try:
+            results += teacher_forced(model, [prompt], [generation])
+        finally:
+            for handle in handles:
+                handle.remove()
+    return results
 
 
 def teacher_forced(model, prompts, generations) -> list[dict]:
@@ -93,11 +107,14 @@ def teacher_forced(model, prompts, generations) -> list[dict]:
     return results
 
 
-def _add_to_output(vector):
+def _add_to_output(vector, mask=None):
+    """A forward hook adding ``vector`` to a decoder layer's output (at the positions ``mask`` [1, T, 1] marks)."""
+    added = vector if mask is None else mask * vector
+
     def hook(module, args, output):
         if isinstance(output, tuple):
-            return (output[0] + vector, *output[1:])
-        return output + vector
+            return (output[0] + added, *output[1:])
+        return output + added
 
     return hook
 

@@ -160,3 +160,12 @@ def test_a_gguf_model_type_hint_is_checked_against_the_model(tiny_model_dirs, tm
             args.create_engine_config()
     else:
         assert args.create_engine_config().additional_config["steering_vectors"] == str(path)
+
+
+def test_the_phase_flag_reaches_additional_config(parser):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    engine_args = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m", "--steering-phase", "generation"]))
+    assert engine_args.additional_config == {"steering_phase": "generation"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--steering-phase", "decode"])

@@ -17,6 +17,8 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 PROMPT_LENGTH = 300  # two full KV blocks of 128 are cached, and reused by a later request with the same vectors
 MAX_TOKENS = 8
 MAX_CONFIGS = 4
+PHASE_TOKENS = 96  # 300 + 96 tokens fill a third KV block, whose last 84 positions were generated
+EXTEND = 90  # a later prompt: the first one plus 90 of its generated tokens, three full blocks
 TOLERANCE = 1e-5  # engine vs reference logprobs; measured <= 1e-6 (fp32)
 
 
@@ -29,13 +31,13 @@ A, B, DEFAULT, C = _vectors(20), _vectors(21), _vectors(22), _vectors(23)
 A2 = _vectors(24)  # what set "a" is replaced with
 
 
-def _generate(llm, prompts, choices):
+def _generate(llm, prompts, choices, max_tokens=MAX_TOKENS):
     """One ``generate`` call: prompt i with ``extra_args`` choices[i]; tokens, logprobs and cached tokens."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = [
-        SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True, extra_args=choice)
+        SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True, extra_args=choice)
         for choice in choices
     ]
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
@@ -100,6 +102,14 @@ def served(request, tiny_model_dirs, tmp_path_factory):
     # The same prompt again, one configuration at a time: cache hits only within a configuration.
     run["again_a"] = _generate(llm, [p], [{"steering": "a"}])[0]
     run["b_scaled"] = _generate(llm, [p], [{"steering": "b", "steering_scale": 0.5}])[0]  # new configuration
+    # Phases: "a" at the generated tokens only and at the prompt only, beside "b" everywhere, in one batch; then the
+    # same prompt again, and a prompt that is the first plus part of its generation (same vectors, same phase).
+    phase_choices = [{"steering": "a", "steering_phase": "generation"}, {"steering": "a", "steering_phase": "prompt"},
+                     {"steering": "b", "steering_phase": "all"}]  # fmt: skip
+    run["phases"] = _generate(llm, [p, p, p], phase_choices, max_tokens=PHASE_TOKENS)
+    run["phase_again"] = _generate(llm, [p], phase_choices[:1])[0]
+    run["extended_prompt"] = p + run["phases"][0]["tokens"][:EXTEND]
+    run["phase_extended"] = _generate(llm, [run["extended_prompt"]], phase_choices[:1])[0]
     # Replace "a", add "c", remove "b"; then the same prompt under each.
     run["hashes"] = [update_steering(llm, A2, name="a"), update_steering(llm, C, name="c")]
     remove_steering(llm, "b")
@@ -129,12 +139,12 @@ def served(request, tiny_model_dirs, tmp_path_factory):
     return run
 
 
-def _reference(model_dir, table, prompt, generation):
-    return hf_reference(model_dir, table, [prompt], [generation])[0]
+def _reference(model_dir, table, prompt, generation, phase="all"):
+    return hf_reference(model_dir, table, [prompt], [generation], phase)[0]
 
 
-def _assert_served(run, output, table, prompt):
-    reference = _reference(run["model_dir"], table, prompt, output)
+def _assert_served(run, output, table, prompt, phase="all"):
+    reference = _reference(run["model_dir"], table, prompt, output, phase)
     assert output["tokens"] == reference["argmax"]
     assert max_abs_diff(output["logprobs"], reference["logprobs"]) < TOLERANCE
 
@@ -154,6 +164,29 @@ def test_the_prefix_cache_is_shared_within_a_configuration_and_never_across(serv
     _assert_served(served, served["again_a"], A.to_tensor(), served["mixed_prompts"][0])
     assert served["b_scaled"]["cached"] == 0  # same prompt, new vectors: computed afresh
     _assert_served(served, served["b_scaled"], 0.5 * B.to_tensor(), served["mixed_prompts"][0])
+
+
+def test_a_phase_steers_only_the_prompt_or_only_the_generated_tokens(served):
+    prompt = served["mixed_prompts"][0]
+    generation, prompt_only, everywhere = served["phases"]
+    _assert_served(served, generation, A.to_tensor(), prompt, "generation")
+    _assert_served(served, prompt_only, A.to_tensor(), prompt, "prompt")
+    _assert_served(served, everywhere, B.to_tensor(), prompt)
+    for phase, output in [("all", generation), ("prompt", generation), ("all", prompt_only)]:  # the phases matter
+        wrong = _reference(served["model_dir"], A.to_tensor(), prompt, output, phase)
+        assert max_abs_diff(output["logprobs"], wrong["logprobs"]) > 1e-2, phase
+
+
+def test_the_prefix_cache_is_shared_within_a_phase_and_never_across_a_phase_boundary(served):
+    """The same prompt, vectors and phase again reuse the cached prompt blocks. A prompt that is the first one
+    plus 90 of its generated tokens must not reuse the third block: there its last 84 positions were steered as
+    generation, here they are prompt (vLLM caches generated tokens' blocks too): computed afresh, and right."""
+    again, extended = served["phase_again"], served["phase_extended"]
+    assert again["cached"] >= 2 * served["block_size"]
+    _assert_served(served, again, A.to_tensor(), served["mixed_prompts"][0], "generation")
+    assert len(served["extended_prompt"]) >= 3 * served["block_size"]
+    assert extended["cached"] == 0
+    _assert_served(served, extended, A.to_tensor(), served["extended_prompt"], "generation")
 
 
 def test_sets_are_replaced_added_and_removed_at_run_time(served):

@@ -89,7 +89,9 @@ def test_the_engine_core_refuses_an_unresolved_request_of_a_per_request_engine()
 def test_the_engine_core_refuses_a_choice_an_engine_without_sets_cannot_honour():
     check_request("r", _params(None), per_request=False)
     check_request("r", _params({"other": 1}), per_request=False)
-    for extra_args in [{"steering": "a"}, {"steering": "none"}, {"steering_scale": 0.5}, {"steering_config": "f"}]:
+    asked = [{"steering": "a"}, {"steering": "none"}, {"steering_scale": 0.5}, {"steering_phase": "prompt"},
+             {"steering_config": "f"}]  # fmt: skip
+    for extra_args in asked:
         with pytest.raises(ValueError, match="start the server with --steering-sets"):
             check_request("r", _params(extra_args), per_request=False)
 
@@ -98,7 +100,7 @@ def test_the_front_end_of_an_engine_without_sets_refuses_a_choice_before_schedul
     request = SimpleNamespace(sampling_params=_params({"other": 1}))
     assert refuse_choice(request) is request
     assert refuse_choice(SimpleNamespace(sampling_params=None)) is not None
-    for extra_args in [{"steering": "a"}, {"steering": "none"}, {"steering_scale": 0.5}]:
+    for extra_args in [{"steering": "a"}, {"steering": "none"}, {"steering_scale": 0.5}, {"steering_phase": "all"}]:
         with pytest.raises(ValueError, match=r"needs per-request steering.*--steering-sets NAME=PATH"):
             refuse_choice(SimpleNamespace(sampling_params=_params(extra_args)))
 

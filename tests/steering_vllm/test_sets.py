@@ -6,7 +6,7 @@ import torch
 
 from steering_vllm import SteeringVectors
 from steering_vllm.config import per_request_options
-from steering_vllm.per_request.sets import SteeringRowsExhausted, SteeringSets, parse_choice, salted
+from steering_vllm.per_request.sets import SteeringRowsExhausted, SteeringSets, parse_choice, parse_phase, salted
 
 L, D = 3, 8
 
@@ -105,6 +105,21 @@ def test_the_salt_keys_the_cache_by_configuration_and_keeps_the_users_salt():
     assert salted("abc", "t") != salted("abd", "t")
 
 
+def test_a_phase_keys_the_cache_with_the_prompts_length_and_is_checked():
+    """A phase-limited request's blocks depend on where its steered positions start: the salt holds the phase and
+    the prompt's length (another request's prompt may be this one's prompt plus some of its generation)."""
+    assert salted("abc", None, "all", 300) == "steering:abc"  # every position: blocks shared as before
+    assert salted("abc", None, "generation", 300) == "steering:abc:generation:300"
+    assert salted("abc", "t", "prompt", 12) == "steering:abc:prompt:12|t"
+    assert len({salted("abc", None, p, n) for p in ("all", "prompt", "generation") for n in (300, 301)}) == 5
+    assert parse_phase(None) == "all" and parse_phase({}, "generation") == "generation"
+    assert parse_phase({"steering_phase": "prompt"}, "generation") == "prompt"
+    with pytest.raises(
+        ValueError, match=r"'steering_phase' must be one of \['all', 'prompt', 'generation'\], got 'decode'"
+    ):
+        parse_phase({"steering_phase": "decode"})
+
+
 def test_admission_counts_distinct_live_configurations(sets):
     a, b = sets.resolve({"steering": "a"}), sets.resolve({"steering": "b"})
     c = sets.resolve({"steering": "a", "steering_scale": 2.0})
@@ -137,7 +152,10 @@ def test_per_request_steering_is_on_only_when_asked_for():
     assert per_request_options({"steering_vectors": "v.safetensors"}) is None
     assert per_request_options({"steering_sets": {"a": "a.safetensors"}}) == ({"a": "a.safetensors"}, 32)
     assert per_request_options({"max_steering_configs": 4}) == ({}, 4)
+    assert per_request_options({"steering_vectors": "v.safetensors", "steering_phase": "all"}) is None
+    assert per_request_options({"steering_vectors": "v.safetensors", "steering_phase": "generation"}) == ({}, 32)
     for bad, message in [
+        ({"steering_phase": "decode"}, "must be one of"),
         ({"steering_sets": ["a"]}, "must map set names"),
         ({"steering_sets": {"none": "x"}}, "reserved"),
         ({"max_steering_configs": 0}, "positive integer"),
@@ -167,3 +185,28 @@ def test_an_http_requests_choice_is_pinned_for_all_its_prompts_while_its_set_is_
     finally:
         PINNED_CHOICE.reset(token)
     assert resolve_pinned(sets, {"steering": "a"}).content_hash == B.content_hash()  # a new request: the new "a"
+
+
+def test_the_front_end_gives_each_request_its_phase_or_the_engines_default(sets):
+    """``SteeringFrontEnd.resolve`` (what vLLM's input processor passes every request through): the phase a request
+    chose, else the engine's ``steering_phase``; all for unsteered requests; the salt keyed accordingly."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+
+    from steering_vllm.per_request.frontend import SteeringChoiceError, SteeringFrontEnd
+
+    front = SteeringFrontEnd(sets, engine=object(), phase="generation")
+
+    def resolve(extra_args):
+        request = SimpleNamespace(sampling_params=SamplingParams(extra_args=extra_args), cache_salt=None,
+                                  prompt_token_ids=[1, 2, 3], prompt_embeds=None, request_id="r")  # fmt: skip
+        front.resolve(request)
+        return request.sampling_params.extra_args["steering_phase"], request.cache_salt
+
+    a = sets.resolve({"steering": "a"}).content_hash
+    assert resolve({"steering": "a"}) == ("generation", f"steering:{a}:generation:3")
+    assert resolve({"steering": "a", "steering_phase": "all"}) == ("all", f"steering:{a}")
+    assert resolve({"steering": "none", "steering_phase": "prompt"})[0] == "all"  # nothing to limit
+    with pytest.raises(SteeringChoiceError, match="'steering_phase' must be one of"):
+        resolve({"steering": "a", "steering_phase": "both"})
