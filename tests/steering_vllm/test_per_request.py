@@ -29,6 +29,17 @@ def _vectors(seed, scale=0.3):
 
 A, B, DEFAULT, C = _vectors(20), _vectors(21), _vectors(22), _vectors(23)
 A2 = _vectors(24)  # what set "a" is replaced with
+IBM = _vectors(26).select_layers([1, 2, 3])  # as IBM activation-steering saves it: directions[i] at block i's input
+
+
+def _ibm_svec(path):
+    """IBM activation-steering's ``SteeringVector.save`` JSON (``{"model_type", "directions", ...}``): its
+    ``directions[i]`` is added at block i's input, i.e. our ``layers.{i-1}``."""
+    import json
+
+    directions = {str(layer): vector.tolist() for layer, vector in IBM.vectors.items()}
+    path.write_text(json.dumps({"model_type": "qwen2", "directions": directions, "explained_variances": {}}))
+    return str(path)
 
 
 def _generate(llm, prompts, choices, max_tokens=MAX_TOKENS):
@@ -69,6 +80,7 @@ def served(request, tiny_model_dirs, tmp_path_factory):
             "steering_sets": {
                 "a": str(A.save(directory / "a.safetensors")),
                 "b": str(B.save(directory / "b.safetensors")),
+                "ibm": _ibm_svec(directory / "behavior.svec"),
             },
             "max_steering_configs": MAX_CONFIGS,
         },
@@ -110,6 +122,7 @@ def served(request, tiny_model_dirs, tmp_path_factory):
     run["phase_again"] = _generate(llm, [p], phase_choices[:1])[0]
     run["extended_prompt"] = p + run["phases"][0]["tokens"][:EXTEND]
     run["phase_extended"] = _generate(llm, [run["extended_prompt"]], phase_choices[:1])[0]
+    run["ibm"] = _generate(llm, [p], [{"steering": "ibm"}])[0]  # another library's file as a set
     # Replace "a", add "c", remove "b"; then the same prompt under each.
     run["hashes"] = [update_steering(llm, A2, name="a"), update_steering(llm, C, name="c")]
     remove_steering(llm, "b")
@@ -189,6 +202,13 @@ def test_the_prefix_cache_is_shared_within_a_phase_and_never_across_a_phase_boun
     _assert_served(served, extended, A.to_tensor(), served["extended_prompt"], "generation")
 
 
+def test_another_librarys_file_is_served_where_that_library_adds_its_vectors(served):
+    table = torch.zeros(NUM_LAYERS, HIDDEN_SIZE)
+    for layer, vector in IBM.vectors.items():  # block i's input is block i-1's output
+        table[layer - 1] = vector
+    _assert_served(served, served["ibm"], table, served["mixed_prompts"][0])
+
+
 def test_sets_are_replaced_added_and_removed_at_run_time(served):
     assert served["hashes"] == [A2.content_hash(), C.content_hash()]
     prompt = served["mixed_prompts"][0]
@@ -200,7 +220,7 @@ def test_sets_are_replaced_added_and_removed_at_run_time(served):
 
 def test_bad_choices_are_refused_before_scheduling_and_change_nothing(served):
     errors = served["errors"]
-    assert "unknown steering set 'b' (sets: a, c)" in errors["unknown"]
+    assert "unknown steering set 'b' (sets: a, c, ibm)" in errors["unknown"]
     assert "'a/../b' is malformed" in errors["malformed"]
     assert "finite number" in errors["scale"]
     assert "list of 2 numbers" in errors["count"]
