@@ -31,9 +31,9 @@ and the same per byte for the backward, which moves 3 T d elements (dy, x in; g 
                                                     # from a neighbour on a shared machine moves one run)
 
 Each run records its two tables in benchmarks/results/kernel_cpu_forward.json and kernel_cpu_backward.json (the
-docs' tables, made with --repeats 3); a run of one ISA or of other shapes than the defaults appends those options
-to both names (--isa AVX2: kernel_cpu_forward_isaAVX2; --quick: kernel_cpu_forward_tokens16-4096_hidden3584), so
-it never overwrites them.
+docs' tables, made with --repeats 3) and their summary in kernel_cpu_summary.json (benchmarks/kernel_summary.py); a
+run of one ISA or of other shapes than the defaults appends those options to the names (--isa AVX2:
+kernel_cpu_forward_isaAVX2; --quick: kernel_cpu_forward_tokens16-4096_hidden3584), so it never overwrites them.
 """
 
 import argparse
@@ -300,6 +300,9 @@ def record_tables(all_results: list[dict], args, parser, repeats: int = 1) -> li
         title = f"Fused add + steer + RMSNorm on CPU. {what}. {setting}"
         record(name, title, columns, rows)
         made.append((name, title))
+    from benchmarks.kernel_summary import record_summary
+
+    record_summary(made[0][0], made[1][0])
     return made
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from tqdm.auto import tqdm
 from steering_vllm.vectors.convert import parse_layers
 from steering_vllm.vectors.steering_vectors import SteeringVectors, SteeringVectorsError
 from trainer.learner import check_steerable, steered_hidden_states
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("mean_diff", "pca")
 POSITIONS = ("last", "mean")
@@ -84,10 +87,22 @@ def tokenize(tokenizer, prompt: str, completion: str, chat_template: bool) -> tu
     return list(prompt_ids) + list(completion_ids), len(prompt_ids)
 
 
+@dataclass(frozen=True)
+class Activations:
+    """``streams`` [N, L, d]: each text's residual stream at the end of each layer, at its last token or averaged
+    over its completion; ``norms`` [N, L]: the mean norm of the per-token streams read (what ``--normalize``
+    scales to: the mean of norms, not the norm of the mean)."""
+
+    streams: torch.Tensor
+    norms: torch.Tensor
+
+
 @torch.no_grad()
-def read_activations(model, tokenizer, texts, position: str = "last", batch_size: int = 8, progress: bool = True):
-    """``texts``: (token ids, completion start) each. Returns [N, num_layers, d] float32: the residual stream at
-    the end of each layer (no vectors added), at the last token or averaged over the completion's tokens."""
+def read_activations(
+    model, tokenizer, texts, position: str = "last", batch_size: int = 8, progress: bool = True
+) -> Activations:
+    """``texts``: (token ids, completion start) each; the residual streams at the end of each layer (no vectors
+    added), float32."""
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
     config = model.config
@@ -95,6 +110,7 @@ def read_activations(model, tokenizer, texts, position: str = "last", batch_size
     table_dtype = torch.float64 if model.dtype == torch.float64 else torch.float32  # the op's table is fp32 or fp64
     zeros = torch.zeros(config.num_hidden_layers, 1, config.hidden_size, dtype=table_dtype, device=device)
     out = torch.empty(len(texts), config.num_hidden_layers, config.hidden_size, dtype=torch.float32)
+    norms = torch.empty(len(texts), config.num_hidden_layers, dtype=torch.float32)
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc="activations", unit="batch", disable=not progress):
         batch = texts[start : start + batch_size]
@@ -114,7 +130,9 @@ def read_activations(model, tokenizer, texts, position: str = "last", batch_size
         read = read.to(device)
         layers = [torch.einsum("bti,bt->bi", stream.float(), read) for stream in streams]
         out[start : start + len(batch)] = torch.stack(layers, dim=1).cpu()
-    return out
+        token_norms = [(stream.float().norm(dim=-1) * read).sum(dim=1) for stream in streams]
+        norms[start : start + len(batch)] = torch.stack(token_norms, dim=1).cpu()
+    return Activations(out, norms)
 
 
 def directions(positive: torch.Tensor, negative: torch.Tensor, method: str = "mean_diff") -> torch.Tensor:
@@ -126,9 +144,17 @@ def directions(positive: torch.Tensor, negative: torch.Tensor, method: str = "me
         return differences.mean(dim=1).float()
     if differences.shape[1] < 2:
         raise ValueError("pca needs at least 2 pairs")
-    centred = differences - differences.mean(dim=1, keepdim=True)
-    _, _, right = torch.linalg.svd(centred, full_matrices=False)
+    mean = differences.mean(dim=1)
+    centred = differences - mean[:, None]
+    _, singular, right = torch.linalg.svd(centred, full_matrices=False)
     unit = right[:, 0, :]  # [L, d], either sign
+    # Differences that do not vary (one shift, or duplicated pairs) have no first component: their direction is
+    # the mean's. Relative to the mean's size, the spread is float64 rounding there.
+    flat = singular[:, 0] <= 1e-9 * mean.norm(dim=-1) * differences.shape[1] ** 0.5
+    if bool(flat.any()):
+        logger.warning("extract: layers %s: the differences do not vary; pca takes the mean difference's direction",
+                       flat.nonzero().flatten().tolist())  # fmt: skip
+        unit = torch.where(flat[:, None], torch.nn.functional.normalize(mean, dim=-1), unit)
     length = torch.einsum("lnd,ld->ln", differences, unit).mean(dim=1)  # signed: points the vector positive-ward
     return (unit * length[:, None]).float()
 
@@ -155,11 +181,11 @@ def extract(
         for completion in (pair.positive, pair.negative):
             texts.append(tokenize(tokenizer, pair.prompt, completion, chat_template))
     activations = read_activations(model, tokenizer, texts, position, batch_size, progress)
-    table = directions(activations[0::2], activations[1::2], method)
+    table = directions(activations.streams[0::2], activations.streams[1::2], method)
     if normalize is not None:
         if not normalize > 0:
             raise ValueError(f"--normalize must be positive, got {normalize}")
-        mean_norm = activations.double().norm(dim=-1).mean(dim=0)  # [L]
+        mean_norm = activations.norms.double().mean(dim=0)  # [L]
         table = table.double() * (normalize * mean_norm / table.double().norm(dim=-1).clamp_min(1e-30))[:, None]
         table = table.float()
     keep = range(num_layers) if layers is None else layers

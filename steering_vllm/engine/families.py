@@ -78,13 +78,25 @@ def vectors_for_model(vectors: SteeringVectors | str | os.PathLike, model_config
     if not isinstance(vectors, SteeringVectors):
         vectors = SteeringVectors.load(vectors, num_layers=text_config.num_hidden_layers)
     vectors.check_compatible(text_config.num_hidden_layers, text_config.hidden_size, model_config.model)
-    # repeng and llama.cpp name the model type a GGUF control vector was made for ("llama", "qwen2"); a hint that
-    # is a model's name or path (our writer's) is not checked, as a model is served under many names
-    hint = vectors.provenance.get("model_hint")
-    if hint and _normalised(hint) in _hf_model_types():
+    hint = _model_type_hint(vectors)
+    if hint:
         model_types = {getattr(model_config.hf_config, "model_type", None), getattr(text_config, "model_type", None)}
         check_model_hint(hint, sorted(filter(None, model_types)), vectors.source)
     return vectors
+
+
+def _model_type_hint(vectors: SteeringVectors) -> str | None:
+    """The HF model type a file read in another library's format says it was made for, where that library writes
+    one: repeng's GGUF (``config.model_type``) and IBM's .svec. llama.cpp's own hints are its architecture names
+    ("llama" for Mistral too), a name or path in our writer's GGUF identifies no type, and a converted file is
+    not checked again (converting, with ``--expected-model`` if wanted, is the way to use a file elsewhere)."""
+    provenance = vectors.provenance
+    if provenance.get("source_file") != vectors.source:
+        return None
+    hint = provenance.get("model_type") if provenance.get("format") == "ibm-svec" else None
+    if provenance.get("format") == "repeng-gguf":
+        hint = provenance.get("model_hint")
+    return hint if hint and _normalised(hint) in _hf_model_types() else None
 
 
 def _normalised(name: str) -> str:

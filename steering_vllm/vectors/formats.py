@@ -64,13 +64,16 @@ def read(path: Path, num_layers: int | None = None, fmt: str | None = None, **op
     if not path.exists():
         raise SteeringVectorsError(f"{path}: file not found")
     suffix = path.suffix.lower()
-    if fmt is None and not options:
-        if path.is_dir() and any(path.glob("*.safetensors")):
+    ours = (path.is_dir() and any(path.glob("*.safetensors"))) or suffix in (".npy", ".safetensors")
+    if ours and fmt is None:
+        if options:
+            raise SteeringVectorsError(
+                f"{path}: option(s) {', '.join(sorted(options))} apply to other libraries' files only; this is "
+                "ours, the paper code's .npy or an HF checkpoint (convert's --layers and --scale work on every format)"
+            )
+        if path.is_dir():
             return load_hf_checkpoint(path, num_layers)
-        if suffix == ".npy":
-            return load_npy(path)
-        if suffix == ".safetensors":
-            return load_safetensors(path, num_layers)
+        return load_npy(path) if suffix == ".npy" else load_safetensors(path, num_layers)
     if suffix == ".gguf":
         return foreign.read_gguf(path, num_layers, fmt=fmt, **options)
     if fmt is None and foreign.detect(path) is None:

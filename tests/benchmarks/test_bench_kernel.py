@@ -124,3 +124,28 @@ def test_runs_merge_into_each_contenders_median_per_row():
         (row,) = merged[kind]
         assert row["ours"] == 3.0 and row["vllm"] == 4.0  # per contender, not the run whose ours is the median
         assert row["naive"] is None and row["T"] == T and row["cache"] == "hot"
+
+
+def test_the_summary_gives_each_groups_smallest_median_and_largest_ratio_and_the_rows_meeting_the_target():
+    from benchmarks import kernel_summary
+
+    def row(isa, dtype, T, cache, vs_vllm):
+        return {"isa": isa, "dtype": dtype, "T": T, "cache": cache, "vs_vllm": vs_vllm, "vllm_a_a": 1.0,
+                "of_ref": 0.9, "vs_naive": 1.5}  # fmt: skip
+
+    forward = [row("AVX2", "bfloat16", 512, "hot", 1.2), row("AVX2", "bfloat16", 4096, "hot", 1.05),
+               row("AVX512", "bfloat16", 512, "hot", 1.4), row("AVX512", "bfloat16", 16, "hot", None)]  # fmt: skip
+    backward = [{"isa": "AVX2", "vs_compiled": 3.0, "vs_eager": 9.0}, {"isa": "AVX512", "vs_compiled": 5.0,
+                                                                        "vs_eager": 20.0}]  # fmt: skip
+    rows = kernel_summary.summary_rows(forward, backward)
+    groups = len(kernel_summary.GROUPS)
+    assert [r["isa"] for r in rows[:groups]] == ["all"] * groups  # group i's row over every ISA is row i
+    assert [r["rows"] for r in rows[:groups]] == [what for what, *_ in kernel_summary.GROUPS]
+    cached = [r for r in rows if r["rows"] == "bf16, T >= 512, rows in cache"]
+    assert [r["isa"] for r in cached] == ["all", "AVX2", "AVX512"]
+    assert (cached[1]["min"], cached[1]["max"], cached[1]["meeting"]) == (1.05, 1.2, "1 of 2")
+    assert (cached[0]["min"], cached[0]["median"], cached[0]["max"], cached[0]["meeting"]) == (1.05, 1.2, 1.4, "2 of 3")
+    small = [r for r in rows if r["rows"] == "bf16, T = 16"]  # no vLLM time there: only the (empty) all row
+    assert len(small) == 1 and small[0]["median"] is None and small[0]["meeting"] == "0 of 0"
+    compiled = [r for r in rows if r["ratio"] == "vs compiled"]
+    assert [(r["isa"], r["median"]) for r in compiled] == [("all", 4.0), ("AVX2", 3.0), ("AVX512", 5.0)]

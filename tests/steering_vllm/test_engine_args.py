@@ -169,3 +169,33 @@ def test_the_phase_flag_reaches_additional_config(parser):
     assert engine_args.additional_config == {"steering_phase": "generation"}
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--steering-phase", "decode"])
+
+
+def test_model_types_are_checked_only_where_a_library_records_one(tiny_model_dirs, tmp_path):
+    """llama.cpp's hint is its architecture name ("llama" also for Mistral): not checked at start-up; IBM's .svec
+    records the HF model type: checked; a file converted to ours is not checked again."""
+    import gguf
+    import numpy as np
+    from vllm.engine.arg_utils import EngineArgs
+
+    def start(path):
+        config = {"steering_vectors": str(path)}
+        return EngineArgs(model=str(tiny_model_dirs["qwen2"]), max_model_len=256, additional_config=config)
+
+    writer = gguf.GGUFWriter(tmp_path / "cv.gguf", "controlvector")  # llama.cpp's cvector-generator
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_int32("controlvector.layer_count", 3)
+    for block in (1, 2, 3):
+        writer.add_tensor(f"direction.{block}", np.full(128, 0.1, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    start(tmp_path / "cv.gguf").create_engine_config()
+    directions = {str(layer): [0.1] * 128 for layer in (1, 2, 3)}
+    svec = tmp_path / "b.svec"
+    svec.write_text(json.dumps({"model_type": "llama", "directions": directions, "explained_variances": {}}))
+    with pytest.raises(ValueError, match=r"b\.svec: the file was made for model 'llama'"):
+        start(svec).create_engine_config()
+    SteeringVectors.load(svec).save(tmp_path / "converted.safetensors")
+    start(tmp_path / "converted.safetensors").create_engine_config()

@@ -227,3 +227,14 @@ def test_the_steering_vllm_command_runs_convert_and_inspect(tmp_path):
     subprocess.run([*run, "convert", str(path), str(tmp_path / "v.npy")], check=True, capture_output=True)
     result = subprocess.run([*run, "inspect", str(tmp_path / "v.npy")], capture_output=True, text=True, check=True)
     assert "hidden_size  4" in result.stdout
+
+
+def test_options_for_other_libraries_files_are_refused_on_ours_and_gguf_takes_gguf_formats(tmp_path):
+    path = SteeringVectors.from_tensor(torch.randn(3, 8)).save(tmp_path / "v.safetensors")
+    with pytest.raises(SteeringVectorsError, match=r"v\.safetensors: option\(s\) scale apply to other libraries'"):
+        SteeringVectors.load(path, scale=2.0)
+    table = torch.randn(3, 8)
+    table[0] = 0
+    gguf_path = SteeringVectors.from_tensor(table).save(tmp_path / "v.gguf")
+    with pytest.raises(SteeringVectorsError, match=r"v\.gguf: a \.gguf file is a GGUF control vector, not 'ibm-svec'"):
+        SteeringVectors.load(gguf_path, fmt="ibm-svec")

@@ -86,6 +86,12 @@ def test_the_engine_core_refuses_an_unresolved_request_of_a_per_request_engine()
             check_request("r", _params(extra_args), per_request=True)
 
 
+def test_the_engine_core_refuses_a_phase_its_front_end_did_not_check():
+    with pytest.raises(ValueError, match=r"request r: 'steering_phase' must be one of"):
+        check_request("r", _params({"steering_config": "f" * 64, "steering_phase": "decode"}), per_request=True)
+    check_request("r", _params({"steering_config": "f" * 64, "steering_phase": "generation"}), per_request=True)
+
+
 def test_the_engine_core_refuses_a_choice_an_engine_without_sets_cannot_honour():
     check_request("r", _params(None), per_request=False)
     check_request("r", _params({"other": 1}), per_request=False)

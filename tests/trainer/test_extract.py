@@ -75,6 +75,14 @@ def test_both_methods_recover_a_planted_direction_and_its_length(method):
     assert torch.nn.functional.cosine_similarity(swapped, unit, dim=-1).max() < -0.99
 
 
+def test_pca_of_differences_that_do_not_vary_is_their_mean():
+    """One shift for every pair: the centred differences are zero and have no first component (any SVD direction
+    would do); pca must give the shift, as mean_diff does."""
+    negative = torch.randn(6, 2, 16, dtype=torch.float64)
+    shift = torch.randn(2, 16, dtype=torch.float64)
+    assert torch.allclose(directions(negative + shift, negative, "pca").double(), shift, atol=1e-6)
+
+
 def test_pca_needs_two_pairs_and_methods_are_checked():
     one = torch.randn(1, 2, 4)
     with pytest.raises(ValueError, match="pca needs at least 2 pairs"):
@@ -127,17 +135,36 @@ def test_extraction_equals_a_hooked_hf_reference(tiny_model_dirs, position):
     assert expected.norm(dim=-1).min() > 0.1
 
 
-def test_normalize_sets_each_layer_to_a_fraction_of_its_mean_residual_norm(tiny_model_dirs):
+def test_normalize_sets_each_layer_to_a_fraction_of_the_mean_norm_of_the_tokens_read(tiny_model_dirs):
+    """--position mean: the mean over the completions' tokens of each token's residual norm (HF hooks), not the
+    norm of the averaged stream, which is smaller."""
     directory = tiny_model_dirs["qwen2"]
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    pairs = [Pair("one two", "three four"), Pair("the answer is", "so five")]
-    vectors = extract(model, tokenizer, pairs, normalize=0.25, layers=[1, 2], progress=False)
-    texts = [tokenize(tokenizer, "", t, False) for p in pairs for t in (p.positive, p.negative)]
-    mean_norm = read_activations(model, tokenizer, texts, progress=False).norm(dim=-1).mean(dim=0)
+    pairs = [Pair(" one two three", " four", "the answer is"), Pair(" so five", " six seven eight nine", "so")]
+    vectors = extract(model, tokenizer, pairs, position="mean", normalize=0.25, layers=[1, 2], progress=False)
+    per_text = []
+    for pair in pairs:
+        for completion in (pair.positive, pair.negative):
+            ids, start = tokenize(tokenizer, pair.prompt, completion, False)
+            outputs = hooked_block_outputs(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+            per_text.append(torch.stack([out[0, start:].norm(dim=-1).mean() for out in outputs]))
+    mean_norm = torch.stack(per_text).mean(dim=0)
+    texts = [tokenize(tokenizer, p.prompt, t, False) for p in pairs for t in (p.positive, p.negative)]
+    averaged = read_activations(model, tokenizer, texts, "mean", progress=False).streams.norm(dim=-1).mean(dim=0)
+    assert (averaged < 0.99 * mean_norm).all()  # the two readings differ here (by 2-8%)
     norms = torch.tensor(vectors.norms())
-    assert torch.allclose(norms[[1, 2]], 0.25 * mean_norm[[1, 2]], rtol=1e-5)
+    assert torch.allclose(norms[[1, 2]], 0.25 * mean_norm[[1, 2]], rtol=1e-4)
     assert norms[0] == 0 and norms[3] == 0  # layers not asked for are absent
+
+
+def test_with_the_chat_template_the_prompt_is_a_user_turn_and_the_completion_follows_it(tiny_model_dirs):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dirs["qwen2"]))
+    turns = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    tokenizer.chat_template = turns + "{% if add_generation_prompt %}[a] {% endif %}"
+    ids, start = tokenize(tokenizer, "one plus two", " three.", chat_template=True)
+    assert tokenizer.decode(ids[:start]) == "[user] one plus two\n[a] "
+    assert ids[start:] == tokenizer(" three.", add_special_tokens=False)["input_ids"]
 
 
 def test_bad_pairs_files_name_the_line(tmp_path):

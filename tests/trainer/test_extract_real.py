@@ -60,4 +60,5 @@ def test_added_at_a_middle_layer_it_moves_the_next_word_its_way(extracted):
         return float(logprobs[positive_ids].logsumexp(0) - logprobs[negative_ids].logsumexp(0))
 
     base, toward, away = margin(0.0), margin(2.0), margin(-2.0)
-    assert toward > base + 1.0 and away < base - 1.0, (base, toward, away)
+    # measured: 4.4 unsteered, 12.9 toward, -8.1 away
+    assert toward > base + 4.0 and away < base - 4.0, (base, toward, away)

@@ -117,8 +117,15 @@ def read_foreign(path: Path, num_layers: int | None = None, *, fmt: str | None =
     return _READERS[fmt](path, num_layers, fmt=fmt, detected=detected, **options)
 
 
+GGUF_FORMATS = (REPENG_GGUF, LLAMA_CPP_GGUF, GGUF_UNKNOWN_WRITER)
+
+
 def read_gguf(path: Path, num_layers: int | None = None, *, fmt: str | None = None, **options) -> RawVectors:
     """A GGUF control vector, whoever wrote it (the writer matters only to ``gguf_layers="as-read"``)."""
+    if fmt is not None and fmt not in GGUF_FORMATS:
+        raise SteeringVectorsError(
+            f"{path}: a .gguf file is a GGUF control vector, not {fmt!r}; use one of {GGUF_FORMATS}"
+        )
     fmt = fmt or detect(path) or GGUF_UNKNOWN_WRITER  # not a control vector: the reader names the architecture
     unknown = sorted(set(options) - OPTIONS[GGUF_UNKNOWN_WRITER])
     if unknown:

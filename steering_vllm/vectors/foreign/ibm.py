@@ -60,7 +60,9 @@ def read(path: Path, num_layers: int | None, *, fmt: str, detected: str | None, 
     if 0 in theirs:
         if bool(theirs[0].any()):
             hint = (
-                "you asked for it in layers=" if explicit else "pass layers=[...] (IBM's behavior_layer_ids) without 0"
+                "you asked for it in layers="
+                if explicit
+                else "pass layers=[...] (IBM's behavior_layer_ids) without 0 (convert / inspect: --source-layers 1-N)"
             )
             raise SteeringVectorsError(
                 f"{source}: directions['0'] is non-zero; IBM adds directions[i] at the INPUT of block i, and the "
