@@ -131,14 +131,17 @@ def held_out_rows(rows: dict, base: list[float], base_reward: list[float]) -> li
     base_mean, base_std = _mean_std(base)
     full_gain = statistics.fmean(rows["full"]["after"]) - base_mean if "full" in rows else None
     table = [{"method": "Base", "parameters": 0, "lr": "", "accuracy": f"{100 * base_mean:.1f} ± {100 * base_std:.1f}",
-              "reward": _pm(base_reward)}]  # fmt: skip
+              "reward": _pm(base_reward), "accuracy_mean": 100 * base_mean,
+              "reward_mean": statistics.fmean(base_reward)}]  # fmt: skip
     for method, row in rows.items():
         mean, std = _mean_std(row["after"])
         gain = mean - base_mean
         table.append({"method": NAMES[method], "parameters": row["parameters"], "lr": row["lr"],
                       "accuracy": f"{100 * mean:.1f} ± {100 * std:.1f}", "gain": 100 * gain,
                       "share": 100 * gain / full_gain if full_gain else None, "reward": _pm(row["reward"]),
-                      "after": row["after"], "wall_s": row.get("wall_s")})  # fmt: skip
+                      "after": row["after"], "wall_s": row.get("wall_s"), "accuracy_mean": 100 * mean,
+                      "reward_mean": statistics.fmean(row["reward"]),
+                      "wall_median_s": _median(row.get("wall_s"))})  # fmt: skip
     return table
 
 
@@ -182,6 +185,11 @@ def sweep_table(rows: dict, sweep_seed: int) -> str:
 def _sweep_problems(rows: dict) -> str:
     sizes = {r.get("problems", SWEEP_EVAL_PROMPTS) for row in rows.values() for r in row.get("sweep") or []}
     return "/".join(map(str, sorted(sizes)))
+
+
+def _median(values: list | None) -> float | None:
+    known = [v for v in values or [] if v is not None]
+    return statistics.median(known) if known else None
 
 
 def _pm(values: list[float]) -> str:
@@ -329,6 +337,22 @@ def record_table(args, results: dict) -> None:
              f"fresh at its method's lr; {_lr_origin(rows, args.sweep_seed)}; held-out: {problems} problems, greedy; "
              "sampled reward: training prompts at T=1 (Base: step 1; methods: last 10 steps)")  # fmt: skip
     record(name, title, HELD_OUT_COLUMNS, held_out_rows(rows, results["base"], results["base_reward"]))
+    if any(row.get("sweep") for row in rows.values()):
+        title = (f"Toy world {args.world}: the learning-rate sweep on seed {args.sweep_seed} (not a reported seed), "
+                 "picked by the mean training reward of the last 10 steps; held-out "
+                 f"({_sweep_problems(rows)} problems, greedy) for the record only")  # fmt: skip
+        record(name + "_sweep", title, SWEEP_COLUMNS, sweep_rows(rows))
+
+
+SWEEP_COLUMNS = [("method", "Method", ""), ("lr", "lr", ""), ("picked", "picked", ""),
+                 ("held_out", "held-out (%)", ".1f"), ("reward", "reward, last 10 steps", ".3f")]  # fmt: skip
+
+
+def sweep_rows(rows: dict) -> list[dict]:
+    """One row per sweep run, method by method in the order tried; ``picked`` marks the lr the sweep chose."""
+    return [{"method": NAMES[method], "lr": run["lr"], "picked": "yes" if run["lr"] == row["lr"] else "",
+             "held_out": 100 * run["after"], "reward": run["reward"]}
+            for method, row in rows.items() for run in row.get("sweep") or []]  # fmt: skip
 
 
 def cross_world(args, reported: dict[str, list[Path]]) -> None:

@@ -177,3 +177,18 @@ def test_cross_world_refuses_worlds_with_different_base_models(tmp_path, monkeyp
     args = reproduce_toy._arguments(["--world", "boxing", "--cross", "misused", "--output", str(tmp_path)])
     with pytest.raises(SystemExit, match="different base models"):
         reproduce_toy.cross_world(args, {})
+
+
+def test_the_sweep_is_recorded_a_row_per_run_with_the_pick_marked_and_the_table_keeps_numbers_for_the_prose():
+    from benchmarks.reproduce_toy import held_out_rows, sweep_rows
+
+    sweep = [{"lr": "0.05", "after": 0.8, "reward": 0.5}, {"lr": "0.1", "after": 0.84, "reward": 0.6}]
+    rows = {"steering": {"lr": "0.1", "parameters": 512, "after": [0.8, 0.9], "reward": [0.5, 0.7],
+                         "wall_s": [120.0, 130.0, None], "sweep": sweep}}  # fmt: skip
+    assert sweep_rows(rows) == [
+        {"method": "Steering", "lr": "0.05", "picked": "", "held_out": 80.0, "reward": 0.5},
+        {"method": "Steering", "lr": "0.1", "picked": "yes", "held_out": 84.0, "reward": 0.6},
+    ]
+    base, steering = held_out_rows(rows, base=[0.1, 0.2], base_reward=[0.2, 0.4])
+    assert base["accuracy_mean"] == pytest.approx(15.0) and base["reward_mean"] == pytest.approx(0.3)
+    assert steering["accuracy_mean"] == pytest.approx(85.0) and steering["wall_median_s"] == 125.0
