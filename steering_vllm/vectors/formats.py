@@ -6,7 +6,7 @@
 - the paper code's ``.npy`` of shape [L, d];
 - llama.cpp / repeng GGUF control vectors: ``direction.{n}`` is added to the output of block n (0-based),
   so it is our ``layers.{n}``; llama.cpp has no slot for block 0, so a vector on layer 0 cannot be written.
-  GGUF and the other libraries' files are read by ``foreign``.
+  GGUF and the other libraries' files are read by ``foreign``; ``reading.read`` picks the reader for a path.
 
 Readers return a ``RawVectors`` (the layers' tensors as the file holds them, the shape and where they came from)
 and writers take the same plain data; ``SteeringVectors`` (``steering_vectors.py``) is the one constructor that
@@ -52,34 +52,6 @@ class RawVectors:
     model: str | None
     source: str
     provenance: dict[str, str] = field(default_factory=dict)
-
-
-def read(path: Path, num_layers: int | None = None, fmt: str | None = None, **options) -> RawVectors:
-    """Any file or directory of vectors we read: ours, the paper code's, or another library's (``foreign``).
-
-    ``fmt`` names a foreign format instead of detecting it; ``options`` are the foreign readers' (e.g. ``layers``,
-    ``gguf_layers``, ``expected_model``)."""
-    from steering_vllm.vectors import foreign
-
-    if not path.exists():
-        raise SteeringVectorsError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    ours = (path.is_dir() and any(path.glob("*.safetensors"))) or suffix in (".npy", ".safetensors")
-    if ours and fmt is None:
-        if options:
-            raise SteeringVectorsError(
-                f"{path}: option(s) {', '.join(sorted(options))} apply to other libraries' files only; this is "
-                "ours, the paper code's .npy or an HF checkpoint (convert's --layers and --scale work on every format)"
-            )
-        if path.is_dir():
-            return load_hf_checkpoint(path, num_layers)
-        return load_npy(path) if suffix == ".npy" else load_safetensors(path, num_layers)
-    if suffix == ".gguf":
-        return foreign.read_gguf(path, num_layers, fmt=fmt, **options)
-    if fmt is None and foreign.detect(path) is None:
-        known = "our .safetensors, an HF checkpoint, .npy [L, d], .gguf, or " + ", ".join(foreign.FORMATS)
-        raise SteeringVectorsError(f"{path}: not a steering-vector file this reader knows (it reads {known})")
-    return foreign.read_foreign(path, num_layers, fmt=fmt, **options)
 
 
 def write(raw: RawVectors, path: Path) -> Path:

@@ -19,7 +19,7 @@ from stat import S_ISREG
 
 import torch
 
-from steering_vllm.vectors import formats
+from steering_vllm.vectors import formats, reading
 from steering_vllm.vectors.formats import FORMAT, FORMAT_VERSION, SITE, SteeringVectorsError  # noqa: F401 (public here)
 
 
@@ -83,14 +83,14 @@ class SteeringVectors:
         per process while it stays unchanged; each call returns a new instance.
         """
         if fmt is not None or options:
-            return cls._from_raw(formats.read(Path(path), num_layers, fmt, **options))
+            return cls._from_raw(reading.read(Path(path), num_layers, fmt, **options))
         key = _file_identity(cls, path)
         with _PARSED_LOCK:
             asked, parsed = _PARSED.get(key, (None, None)) if key is not None else (None, None)
         # A parse made with the same num_layers answers the call, and so does one that found the count asked for:
         # formats that record the count ignore the argument, the others take it as the count.
         if parsed is None or not (num_layers == asked or (num_layers is not None and num_layers == parsed.num_layers)):
-            parsed = cls._from_raw(formats.read(Path(path), num_layers))
+            parsed = cls._from_raw(reading.read(Path(path), num_layers))
             if key is not None:
                 with _PARSED_LOCK:
                     _PARSED[key] = (num_layers, parsed)

@@ -125,13 +125,13 @@ def test_each_vector_file_is_parsed_once_on_the_way_to_the_engine(parser, tiny_m
     from vllm.engine.arg_utils import EngineArgs
 
     from steering_vllm.per_request.frontend import load_sets
-    from steering_vllm.vectors import formats
+    from steering_vllm.vectors import reading
 
     default = SteeringVectors.from_tensor(torch.randn(4, 128)).save(tmp_path / "default.safetensors")
     other = SteeringVectors.from_tensor(torch.randn(4, 128)).save(tmp_path / "a.safetensors")
     parsed = []
-    read = formats.read
-    monkeypatch.setattr(formats, "read", lambda path, *args: parsed.append(path.name) or read(path, *args))
+    read = reading.read
+    monkeypatch.setattr(reading, "read", lambda path, *args: parsed.append(path.name) or read(path, *args))
     argv = ["--model", str(tiny_model_dirs["qwen2"]), "--max-model-len", "256", "--steering-vectors", str(default),
             "--steering-sets", f"a={other}"]  # fmt: skip
     engine_args = EngineArgs.from_cli_args(parser.parse_args(argv))

@@ -156,11 +156,11 @@ def test_non_float32_inputs_are_converted_to_float32():
 
 
 def test_a_file_is_parsed_once_per_process_until_it_changes(tmp_path, monkeypatch):
-    from steering_vllm.vectors import formats
+    from steering_vllm.vectors import reading
 
     parsed = []
-    read = formats.read
-    monkeypatch.setattr(formats, "read", lambda path, *args: parsed.append(path) or read(path, *args))
+    read = reading.read
+    monkeypatch.setattr(reading, "read", lambda path, *args: parsed.append(path) or read(path, *args))
     path = SteeringVectors.from_tensor(torch.randn(3, 8)).save(tmp_path / "v.safetensors")
     first, second = SteeringVectors.load(path), SteeringVectors.load(str(path), num_layers=3)
     assert len(parsed) == 1 and first is not second and first.vectors[0] is not second.vectors[0]
