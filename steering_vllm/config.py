@@ -65,9 +65,13 @@ def per_request_options(additional_config: dict[str, Any] | None) -> tuple[dict[
 
 def default_phase(additional_config: dict[str, Any] | None) -> str:
     """The phase requests that do not choose one are steered in (``steering_phase``, default ``all``)."""
-    phase = (additional_config or {}).get(PHASE_KEY, "all")
+    return check_phase((additional_config or {}).get(PHASE_KEY, "all"), f"additional_config[{PHASE_KEY!r}]")
+
+
+def check_phase(phase: Any, name: str) -> str:
+    """``phase`` if it is one of ``PHASES``; ValueError naming ``name`` (where it came from) otherwise."""
     if phase not in PHASES:
-        raise ValueError(f"additional_config[{PHASE_KEY!r}] must be one of {list(PHASES)}, got {phase!r}")
+        raise ValueError(f"{name} must be one of {list(PHASES)}, got {phase!r}")
     return phase
 
 

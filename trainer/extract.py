@@ -98,9 +98,7 @@ class Activations:
 
 
 @torch.no_grad()
-def read_activations(
-    model, tokenizer, texts, position: str = "last", batch_size: int = 8, progress: bool = True
-) -> Activations:
+def read_activations(model, texts, position: str = "last", batch_size: int = 8, progress: bool = True) -> Activations:
     """``texts``: (token ids, completion start) each; the residual streams at the end of each layer (no vectors
     added), float32."""
     if position not in POSITIONS:
@@ -173,22 +171,20 @@ def extract(
 ) -> SteeringVectors:
     """Vectors from ``pairs`` on a transformers decoder of a family the learner steers."""
     check_steerable(model)
-    num_layers = model.config.num_hidden_layers
     if chat_template and any(not pair.prompt for pair in pairs):
         raise ValueError("--chat-template needs a 'prompt' in every pair (it becomes the user turn)")
     texts = []
     for pair in pairs:
         for completion in (pair.positive, pair.negative):
             texts.append(tokenize(tokenizer, pair.prompt, completion, chat_template))
-    activations = read_activations(model, tokenizer, texts, position, batch_size, progress)
+    activations = read_activations(model, texts, position, batch_size, progress)
     table = directions(activations.streams[0::2], activations.streams[1::2], method)
     if normalize is not None:
         if not normalize > 0:
             raise ValueError(f"--normalize must be positive, got {normalize}")
         mean_norm = activations.norms.double().mean(dim=0)  # [L]
-        table = table.double() * (normalize * mean_norm / table.double().norm(dim=-1).clamp_min(1e-30))[:, None]
-        table = table.float()
-    keep = range(num_layers) if layers is None else layers
+        table = table.double()
+        table = (table * (normalize * mean_norm / table.norm(dim=-1).clamp_min(1e-30))[:, None]).float()
     provenance = {
         "made_by": "trainer.extract",
         "method": method,
@@ -198,9 +194,8 @@ def extract(
         "chat_template": str(chat_template).lower(),
     }
     name = getattr(model.config, "_name_or_path", None) or None
-    vectors = SteeringVectors.from_tensor(table, model=name, source="<extracted>")
-    vectors = SteeringVectors(vectors.vectors, num_layers, vectors.hidden_size, name, "<extracted>", provenance)
-    return vectors.select_layers(keep)
+    vectors = SteeringVectors.from_tensor(table, model=name, source="<extracted>", provenance=provenance)
+    return vectors if layers is None else vectors.select_layers(layers)
 
 
 def main(argv: list[str] | None = None) -> int:

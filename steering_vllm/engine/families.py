@@ -7,7 +7,8 @@ import os
 
 from steering_vllm.config import per_request_options, steering_options
 from steering_vllm.vectors import SteeringVectors, SteeringVectorsError
-from steering_vllm.vectors.foreign import check_model_hint
+from steering_vllm.vectors.foreign import IBM_SVEC, REPENG_GGUF, check_model_hint
+from steering_vllm.vectors.foreign.hints import is_hf_model_type
 
 # Architecture name (a checkpoint's config.json) -> vLLM's module and class for it. Each is served by a steered
 # subclass built by ``steering_vllm.engine.models`` (one mechanism for all: the norms are found from the model's own
@@ -93,17 +94,7 @@ def _model_type_hint(vectors: SteeringVectors) -> str | None:
     provenance = vectors.provenance
     if provenance.get("source_file") != vectors.source:
         return None
-    hint = provenance.get("model_type") if provenance.get("format") == "ibm-svec" else None
-    if provenance.get("format") == "repeng-gguf":
-        hint = provenance.get("model_hint")
-    return hint if hint and _normalised(hint) in _hf_model_types() else None
-
-
-def _normalised(name: str) -> str:
-    return name.replace("-", "").replace("_", "").lower()
-
-
-def _hf_model_types() -> set[str]:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    return {_normalised(model_type) for model_type in CONFIG_MAPPING_NAMES}
+    hint = {IBM_SVEC: provenance.get("model_type"), REPENG_GGUF: provenance.get("model_hint")}.get(
+        provenance.get("format")
+    )
+    return hint if hint and is_hf_model_type(hint) else None

@@ -29,12 +29,11 @@ from contextvars import ContextVar
 
 from vllm.exceptions import VLLMValidationError
 
-from steering_vllm.config import default_phase, per_request_options, steering_options
+from steering_vllm.config import PHASE_KEY, default_phase, per_request_options, steering_options
 from steering_vllm.per_request.admission import Admission, wrap_async_client, wrap_sync_client
 from steering_vllm.per_request.guard import START_WITH_SETS, STEERING_KEYS
 from steering_vllm.per_request.sets import (
     CONFIG_KEY,
-    PHASE_KEY,
     Configuration,
     SteeringSets,
     parse_choice,

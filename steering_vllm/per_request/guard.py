@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import functools
 
-from steering_vllm.config import PHASES, per_request_options
-from steering_vllm.per_request.sets import CHOICE_KEY, CONFIG_KEY, PHASE_KEY, SCALE_KEY
+from steering_vllm.config import PHASE_KEY, per_request_options
+from steering_vllm.per_request.sets import CHOICE_KEY, CONFIG_KEY, SCALE_KEY, parse_phase
 
 STEERING_KEYS = (CHOICE_KEY, SCALE_KEY, PHASE_KEY, CONFIG_KEY)
 START_WITH_SETS = (
@@ -60,8 +60,10 @@ def check_request(request_id: str, sampling_params, per_request: bool) -> None:
         return
     extra_args = sampling_params.extra_args or {}
     if per_request:
-        if extra_args.get(PHASE_KEY, "all") not in PHASES:
-            raise ValueError(f"steering: request {request_id}: {PHASE_KEY!r} must be one of {list(PHASES)}")
+        try:
+            parse_phase(extra_args)
+        except ValueError as e:
+            raise ValueError(f"steering: request {request_id}: {e}") from None
         if not isinstance(extra_args.get(CONFIG_KEY), str):
             raise ValueError(
                 f"steering: request {request_id} reached the engine without a resolved steering configuration: "

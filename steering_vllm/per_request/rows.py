@@ -24,10 +24,12 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from steering_vllm.per_request.sets import CONFIG_KEY, PHASE_KEY
+from steering_vllm.config import PHASE_KEY, PHASES
+from steering_vllm.per_request.sets import CONFIG_KEY
 from steering_vllm.vectors.steering_vectors import table_hash
 
-PHASE_CODES = {"all": 0, "prompt": 1, "generation": 2}
+PHASE_CODES = {phase: code for code, phase in enumerate(PHASES)}  # all: 0, so phases.any() finds the others
+PROMPT, GENERATION = PHASE_CODES["prompt"], PHASE_CODES["generation"]
 
 
 class RowAssigner:
@@ -38,7 +40,7 @@ class RowAssigner:
         self.zero_hash = table_hash(torch.zeros(model.steering_num_layers, model.steering_hidden_size))
         self.store: dict[str, torch.Tensor] = {}  # configuration hash -> [L, d] vectors, sent by the front end
         self.request_row: dict[str, int] = {}
-        self.request_phase: dict[str, int] = {}  # 0 every position, 1 prompt only, 2 generation only
+        self.request_phase: dict[str, int] = {}  # PHASE_CODES
         self.row_users = [0] * num_rows
         self.row_config: list[str | None] = [None] * num_rows
         self.config_row: dict[str, int] = {}
@@ -84,7 +86,7 @@ class RowAssigner:
         positions = batch.num_computed_tokens_cpu[token_requests] + runner.query_pos.np[: len(token_requests)]
         in_prompt = positions < batch.num_prompt_tokens[token_requests]
         token_phases = phases[token_requests]
-        outside = ((token_phases == 1) & ~in_prompt) | ((token_phases == 2) & in_prompt)
+        outside = ((token_phases == PROMPT) & ~in_prompt) | ((token_phases == GENERATION) & in_prompt)
         host[outside] = 0
 
     def release_ended(self, requests) -> None:

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from steering_vllm.config import PHASES, check_set_name
+from steering_vllm.config import PHASE_KEY, check_phase, check_set_name
 from steering_vllm.vectors.steering_vectors import SteeringVectors
 
 CHOICE_KEY = "steering"
 SCALE_KEY = "steering_scale"
-PHASE_KEY = "steering_phase"
 CONFIG_KEY = "steering_config"  # set by the engine: the resolved configuration's content hash
 NO_STEERING = "none"
 SALT_PREFIX = "steering:"
@@ -84,10 +83,7 @@ def parse_choice(extra_args: dict | None) -> tuple[tuple[str, float], ...] | Non
 
 def parse_phase(extra_args: dict | None, default: str = "all") -> str:
     """The positions a request is steered at: its ``steering_phase``, or ``default``."""
-    phase = (extra_args or {}).get(PHASE_KEY, default)
-    if phase not in PHASES:
-        raise ValueError(f"{PHASE_KEY!r} must be one of {list(PHASES)}, got {phase!r}")
-    return phase
+    return check_phase((extra_args or {}).get(PHASE_KEY, default), repr(PHASE_KEY))
 
 
 def salted(content_hash: str, user_salt: str | None, phase: str = "all", prompt_length: int = 0) -> str:

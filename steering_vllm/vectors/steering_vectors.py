@@ -60,7 +60,13 @@ class SteeringVectors:
         return cls({}, num_layers, hidden_size, model=model, source="<zeros>")
 
     @classmethod
-    def from_tensor(cls, table: torch.Tensor, model: str | None = None, source: str = "<tensor>") -> SteeringVectors:
+    def from_tensor(
+        cls,
+        table: torch.Tensor,
+        model: str | None = None,
+        source: str = "<tensor>",
+        provenance: dict[str, str] | None = None,
+    ) -> SteeringVectors:
         """From a [num_layers, hidden_size] tensor; all-zero rows are left out of the file."""
         if table.dim() != 2:
             raise SteeringVectorsError(
@@ -68,7 +74,7 @@ class SteeringVectors:
             )
         table = _as_float32(table.detach().cpu(), source, "table")
         vectors = {layer: row for layer, row in enumerate(table) if bool(row.any())}
-        return cls(vectors, table.shape[0], table.shape[1], model=model, source=source)
+        return cls(vectors, table.shape[0], table.shape[1], model, source, provenance)
 
     @classmethod
     def load(

@@ -151,7 +151,7 @@ def test_normalize_sets_each_layer_to_a_fraction_of_the_mean_norm_of_the_tokens_
             per_text.append(torch.stack([out[0, start:].norm(dim=-1).mean() for out in outputs]))
     mean_norm = torch.stack(per_text).mean(dim=0)
     texts = [tokenize(tokenizer, p.prompt, t, False) for p in pairs for t in (p.positive, p.negative)]
-    averaged = read_activations(model, tokenizer, texts, "mean", progress=False).streams.norm(dim=-1).mean(dim=0)
+    averaged = read_activations(model, texts, "mean", progress=False).streams.norm(dim=-1).mean(dim=0)
     assert (averaged < 0.99 * mean_norm).all()  # the two readings differ here (by 2-8%)
     norms = torch.tensor(vectors.norms())
     assert torch.allclose(norms[[1, 2]], 0.25 * mean_norm[[1, 2]], rtol=1e-4)

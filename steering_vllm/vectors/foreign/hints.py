@@ -21,13 +21,22 @@ def check_model_hint(hint: str | None, expected: str | Iterable[str] | None, sou
     wanted = [expected] if isinstance(expected, str) else list(expected)
     if not wanted:
         return
-
-    def norm(name: str) -> str:
-        return re.sub(r"[-_\s]", "", name.strip().rstrip("/").rsplit("/", 1)[-1]).lower()
-
-    if norm(hint) not in {norm(w) for w in wanted}:
+    if _key(hint) not in {_key(w) for w in wanted}:
         raise SteeringVectorsError(
             f"{source}: the file was made for model {hint!r} (its model hint), expected "
             f"{' or '.join(repr(w) for w in wanted)}; pass the model it was made for (or leave expected_model "
             "out to skip the check)"
         )
+
+
+def is_hf_model_type(hint: str) -> bool:
+    """Whether ``hint`` names a transformers model type (``"llama"``, ``"qwen2"``), compared as ``check_model_hint``
+    compares names; a path (our writer's model name) is no type."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return "/" not in hint and _key(hint) in {_key(model_type) for model_type in CONFIG_MAPPING_NAMES}
+
+
+def _key(name: str) -> str:
+    """A model name or type as compared: the last part of a path, without case, ``-``, ``_`` or spaces."""
+    return re.sub(r"[-_\s]", "", name.strip().rstrip("/").rsplit("/", 1)[-1]).lower()
