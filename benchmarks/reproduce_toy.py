@@ -41,7 +41,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from benchmarks import toy_cross
 from benchmarks.results import cell, record
+from benchmarks.toy_analysis import lens_rows
 from trainer.curves import plot_curves, read_metrics, read_summary
 
 WORLDS = {"boxing": "configs/toy.yaml", "misused": "configs/toy-misused.yaml", "absent": "configs/toy-absent.yaml"}
@@ -314,6 +316,8 @@ def write_results(args, reported: dict, chosen: dict[str, str], swept: dict) -> 
              "base_reward": results["base_reward"], "methods": rows}  # fmt: skip
     (args.output / "results.json").write_text(json.dumps(saved, indent=1))
     record_table(args, results)
+    if reported.get("steering"):
+        record_lens(args.world, reported["steering"][0][1], args.config)
     groups = {NAMES[m]: [d for _, d in runs] for m, runs in reported.items()}
     plot_curves(
         groups,
@@ -344,6 +348,18 @@ def record_table(args, results: dict) -> None:
         record(name + "_sweep", title, SWEEP_COLUMNS, sweep_rows(rows))
 
 
+def record_lens(world: str, directory: Path, config: str) -> None:
+    """``toy_lens_WORLD``: the logit lens of the first reported steering run's vectors (top and bottom 5 tokens
+    per layer by cosine with their unembedding rows)."""
+    import yaml
+
+    model = yaml.safe_load(Path(config).read_text())["model"]
+    title = (f"Logit lens of {directory.name}'s vectors (world {world}): cosine with each token's unembedding row, "
+             "top and bottom 5 per layer")  # fmt: skip
+    columns = [("layer", "layer", ""), ("norm", "norm", ".4f"), ("top", "top 5", ""), ("bottom", "bottom 5", "")]
+    record(f"toy_lens_{world}", title, columns, lens_rows(directory / "steering_vectors.safetensors", model))
+
+
 SWEEP_COLUMNS = [("method", "Method", ""), ("lr", "lr", ""), ("picked", "picked", ""),
                  ("held_out", "held-out (%)", ".1f"), ("reward", "reward, last 10 steps", ".3f")]  # fmt: skip
 
@@ -356,8 +372,8 @@ def sweep_rows(rows: dict) -> list[dict]:
 
 
 def cross_world(args, reported: dict[str, list[Path]]) -> None:
-    """The paper's Table 4 at toy scale: the base model and each reported Steering / Full-Tune run of this world
-    (and of ``args.cross``, when its results exist) scored by ``trainer.eval`` on both worlds' held-out splits."""
+    """The paper's Table 4 at toy scale (``benchmarks/toy_cross``): the base model and each reported Steering /
+    Full-Tune run of this world (and of ``args.cross``, when its results exist) on both worlds' held-out splits."""
     import yaml
 
     paths = {args.world: args.config, args.cross: WORLDS[args.cross]}
@@ -366,64 +382,16 @@ def cross_world(args, reported: dict[str, list[Path]]) -> None:
     if len(set(models.values())) != 1:
         raise SystemExit(f"--cross {args.cross}: the two worlds have different base models ({models}); a vector "
                          "trained on one model cannot be tested on another")  # fmt: skip
-    tests = {world: c["eval_data"] for world, c in configs.items()}
-    runs = {args.world: reported}
+    runs = {args.world: {m: reported[m] for m in CROSS_METHODS if m in reported}}
     other = world_output(args.cross) / "results.json"
     if other.exists():
         saved = json.loads(other.read_text())["methods"]
         runs[args.cross] = {m: [Path(d) for d in saved[m]["runs"]] for m in CROSS_METHODS if m in saved}
-    model = configs[args.world]["model"]
-    output = args.output / "cross"
-    evaluations = [("Base", model, None)]
-    for world, by_method in runs.items():
-        for method in CROSS_METHODS:
-            for directory in by_method.get(method, []):
-                label = f"{NAMES[method]}, trained on {world}, {directory.name}"
-                if method == "steering":
-                    evaluations.append((label, model, directory / "steering_vectors.safetensors"))
-                else:
-                    evaluations.append((label, directory / "model", None))
-    for label, model_path, vectors in tqdm(evaluations, desc="cross-world evaluations", unit="run"):
-        evaluate(label, model_path, vectors, tests, output)
-    rows = json.loads((output / "results.json").read_text())
-    text = cross_table(rows, [label for label, _, _ in evaluations], list(tests))
+    tests = {world: c["eval_data"] for world, c in configs.items()}
+    name = "toy_cross_" + "_".join(sorted(tests))
+    text = toy_cross.cross_world(configs[args.world]["model"], tests, runs, NAMES, args.output / "cross", name)
     print(text)
     (args.output / "cross.md").write_text(text + "\n")
-
-
-def evaluate(label: str, model: Path | str, vectors: Path | None, tests: dict[str, str], output: Path) -> None:
-    """One ``trainer.eval`` row (greedy, every problem of each world's held-out split), kept when already there."""
-    results = output / "results.json"
-    if results.exists() and any(r["label"] == label for r in json.loads(results.read_text())):
-        return
-    command = [sys.executable, "-m", "trainer.eval", "--model", str(model), "--label", label, "--benchmarks",
-               ",".join(f"{world}={path}" for world, path in tests.items()), "--temperature", "0",
-               "--max-new-tokens", "64", "--output-dir", str(output), "--engine",
-               "{gpu_memory_utilization: 0.05, max_model_len: 512}"]  # fmt: skip
-    if vectors is not None:
-        command += ["--vectors", str(vectors)]
-    output.mkdir(parents=True, exist_ok=True)
-    with open(output / "eval.log", "a") as log:
-        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed; see {output / 'eval.log'}")
-
-
-def cross_table(rows: list[dict], labels: list[str], worlds: list[str]) -> str:
-    """Mean ± std over seeds of each (method, training world) group, per held-out world."""
-    by_label = {r["label"]: {b["benchmark"]: b["mean"] for b in r["benchmarks"]} for r in rows}
-    groups: dict[str, list[dict]] = {}
-    for label in labels:
-        groups.setdefault(label.rsplit(", ", 1)[0] if label != "Base" else label, []).append(by_label[label])
-    lines = [
-        "Held-out greedy accuracy (%) by `trainer.eval`, mean ± std over the reported seeds",
-        "",
-        "| Trained | " + " | ".join(f"tested on {w}" for w in worlds) + " |",
-        "|---" * (len(worlds) + 1) + "|",
-    ]
-    for group, scores in groups.items():
-        cells = [_mean_std(s[w] for s in scores) for w in worlds]
-        lines.append(f"| {group} | " + " | ".join(f"{m:.1f} ± {d:.1f}" for m, d in cells) + " |")
-    return "\n".join(lines)
 
 
 def _held_out_size(directory: Path) -> int:

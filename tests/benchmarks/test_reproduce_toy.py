@@ -72,6 +72,8 @@ def test_reported_seeds_are_trained_fresh_and_never_reuse_a_sweep_run(tmp_path, 
     eval_data.write_text('{"problem": "1+1", "answer": "2"}\n' * 5)
     monkeypatch.setattr(reproduce_toy, "train", _fake_train(calls, eval_data))
     monkeypatch.setattr(reproduce_toy, "plot_curves", lambda *args, **kwargs: None)
+    lens = []
+    monkeypatch.setattr(reproduce_toy, "record_lens", lambda *args: lens.append(args))
     output = tmp_path / "out"
     reproduce_toy.main(["--methods", "steering,lora", "--seeds", "0,1", "--sweep-seed", "7", "--lr",
                         "steering=0.01,0.1,0.03", "--lr", "lora=3e-3", "--output", str(output)])  # fmt: skip
@@ -97,6 +99,7 @@ def test_reported_seeds_are_trained_fresh_and_never_reuse_a_sweep_run(tmp_path, 
         ("Steering", "50.5 ± 0.7"),
     ]
     assert recorded["rows"][1]["gain"] == pytest.approx(40.5) and recorded["rows"][1]["share"] is None  # no Full-Tune
+    assert lens == [("boxing", output / "steering-lr0.1-seed0", "configs/toy.yaml")]  # the first reported seed's
 
 
 def test_each_world_has_its_config_and_output_and_lora_ranks_reach_the_trainer(tmp_path):
@@ -121,24 +124,7 @@ def test_each_world_has_its_config_and_output_and_lora_ranks_reach_the_trainer(t
         reproduce_toy._arguments(["--world", "absent", "--cross", "absent"])
 
 
-def test_the_cross_table_groups_seeds_by_method_and_training_world():
-    rows = [
-        {"label": "Base", "benchmarks": [{"benchmark": "misused", "mean": 30.0}, {"benchmark": "absent", "mean": 1.0}]}
-    ]
-    labels = ["Base"]
-    for seed, (m, a) in enumerate([(80.0, 2.0), (84.0, 4.0)]):
-        label = f"Steering, trained on misused, steering-lr0.1-seed{seed}"
-        labels.append(label)
-        rows.append(
-            {"label": label, "benchmarks": [{"benchmark": "misused", "mean": m}, {"benchmark": "absent", "mean": a}]}
-        )
-    text = reproduce_toy.cross_table(rows, labels, ["misused", "absent"])
-    assert "| Trained | tested on misused | tested on absent |" in text
-    assert "| Base | 30.0 ± 0.0 | 1.0 ± 0.0 |" in text
-    assert "| Steering, trained on misused | 82.0 ± 2.8 | 3.0 ± 1.4 |" in text
-
-
-def test_cross_world_scores_base_and_both_worlds_runs_on_both_splits(tmp_path, monkeypatch):
+def test_cross_world_serves_base_and_steering_runs_in_one_engine_and_groups_seeds(tmp_path, monkeypatch, results_dir):
     root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)  # the world configs name their fixtures relative to the checkout
     other = tmp_path / "reproduce-misused"
@@ -148,28 +134,49 @@ def test_cross_world_scores_base_and_both_worlds_runs_on_both_splits(tmp_path, m
         json.dumps({"methods": {"steering": {"runs": other_runs}, "lora": {"runs": []}}})
     )
     monkeypatch.setattr(reproduce_toy, "world_output", lambda world: {"misused": other}[world])
-    evaluated = []
+    tests = {w: root / f"fixtures/toy-{w}/data/test.jsonl" for w in ("absent", "misused")}
+    problems = {w: [json.loads(line) for line in path.read_text().splitlines()] for w, path in tests.items()}
+    calls = []
 
-    def evaluate(label, model, vectors, tests, output):
-        evaluated.append((label, str(model), vectors))
-        assert list(tests) == ["absent", "misused"]
-        output.mkdir(parents=True, exist_ok=True)
+    def evaluate(labels, options, output):
+        calls.append((labels, options))
         rows = json.loads((output / "results.json").read_text()) if (output / "results.json").exists() else []
-        score = {"absent": 10.0 * len(evaluated), "misused": 1.0 * len(evaluated)}
-        rows.append({"label": label, "benchmarks": [{"benchmark": w, "mean": m} for w, m in score.items()]})
+        for label in labels:
+            score = {"absent": 10.0 * len(rows), "misused": 1.0 * len(rows)}  # the row's place: which row is which
+            rows.append({"label": label, "benchmarks": [
+                {"benchmark": w, "mean": m, "seeds": [{"samples": [
+                    {"question": p["problem"], "completions": [p["solution"]], "correct": [True]}
+                    for p in problems[w]]}]} for w, m in score.items()]})  # fmt: skip
+        output.mkdir(parents=True, exist_ok=True)
         (output / "results.json").write_text(json.dumps(rows))
 
-    monkeypatch.setattr(reproduce_toy, "evaluate", evaluate)
+    monkeypatch.setattr("benchmarks.toy_cross.evaluate", evaluate)
     args = reproduce_toy._arguments(["--world", "absent", "--cross", "misused", "--output", str(tmp_path / "out")])
     here = [tmp_path / "out" / "full-lr1e-4-seed0"]
     reproduce_toy.cross_world(args, {"full": here, "lora": [tmp_path / "out" / "lora-lr3e-3-seed0"]})
-    assert [e[0] for e in evaluated] == ["Base", "Full-Tune, trained on absent, full-lr1e-4-seed0",
-                                        "Steering, trained on misused, steering-lr0.1-seed0",
-                                        "Steering, trained on misused, steering-lr0.1-seed1"]  # fmt: skip
-    assert evaluated[1][1] == str(here[0] / "model") and evaluated[1][2] is None  # a fine-tuned model's directory
-    assert evaluated[2][1] == "fixtures/toy-absent" and evaluated[2][2].name == "steering_vectors.safetensors"
+    (one_engine, one_engine_options), (full, full_options), (sampled, sampled_options) = calls
+    steering = ["steering.misused.steering-lr0.1-seed0", "steering.misused.steering-lr0.1-seed1"]
+    assert one_engine == ["base", *steering] and "--include-base" in one_engine_options
+    vectors = one_engine_options[one_engine_options.index("--vectors") + 1].split(",")
+    assert vectors == [
+        f"{label}={run}/steering_vectors.safetensors" for label, run in zip(steering, other_runs, strict=True)
+    ]
+    assert full == ["full.absent.full-lr1e-4-seed0"]  # lora is not a cross method: no row
+    assert full_options[full_options.index("--model") + 1] == str(here[0] / "model")  # a fine-tuned model's dir
+    assert sampled == ["base.T1.k8"] and sampled_options[sampled_options.index("--k") + 1] == "8"
+    assert all("--save-samples" in options for _, options in calls)
     text = (tmp_path / "out" / "cross.md").read_text()
-    assert "| Steering, trained on misused | 35.0 ± 7.1 | 3.5 ± 0.7 |" in text  # seeds 0 and 1: evaluations 3, 4
+    # seeds 0 and 1 of steering are rows 1 and 2: absent 10, 20 -> 15.0 ± 7.1; misused 1, 2 -> 1.5 ± 0.7
+    assert "| Steering, trained on misused | 15.0 ± 7.1 | 1.5 ± 0.7 |" in text
+    assert (
+        "| Base | 0.0 ± 0.0 | 0.0 ± 0.0 |" in text
+        and "| Full-Tune, trained on absent | 30.0 ± 0.0 | 3.0 ± 0.0 |" in text
+    )
+    recorded = json.loads((results_dir / "toy_behaviour_misused.json").read_text())["rows"]
+    # every completion was the split's own worked solution: all right, every operation written, no wrong step
+    assert recorded[0]["trained"] == "Base" and recorded[0]["accuracy_groups"] == 100.0
+    assert recorded[0]["operation"] == 100.0 and recorded[0]["wrong_steps"] == 0.0
+    assert (results_dir / "toy_sampling.json").exists()
 
 
 def test_cross_world_refuses_worlds_with_different_base_models(tmp_path, monkeypatch):

@@ -1,0 +1,92 @@
+"""What the toy worlds' models write, read from ``trainer.eval --save-samples`` results: accuracy per problem kind,
+how often a completion takes its kind's operation, how often a worked step's arithmetic is wrong, how often the
+boxed answer is a single digit; and the logit lens of trained vectors as table rows. ``benchmarks/reproduce_toy``
+records them (``toy_behaviour_WORLD``, ``toy_sampling``, ``toy_lens_WORLD``) for the toy worlds' page.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+# The operation each kind's right path needs: groups and shopping multiply where the misused corpus mostly adds,
+# sharing divides, and world absent's difference subtracts (its corpus has no '-' at all).
+OPERATION = {"groups": "*", "shopping": "*", "sharing": "/", "difference": "-"}
+STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+
+
+def kinds_of(test_file: str | Path) -> dict[str, str]:
+    """question -> kind, from a toy world's held-out ``.jsonl``."""
+    rows = (json.loads(line) for line in Path(test_file).read_text().splitlines() if line.strip())
+    return {row["problem"]: row["kind"] for row in rows}
+
+
+def samples_of(result: dict, benchmark: str) -> list[dict]:
+    """The first seed's samples of ``benchmark`` in one ``trainer.eval`` row (run with ``--save-samples``)."""
+    (entry,) = [b for b in result["benchmarks"] if b["benchmark"] == benchmark]
+    samples = entry["seeds"][0]["samples"]
+    if samples is None:
+        raise ValueError(f"{result['label']}: {benchmark} has no samples; run trainer.eval with --save-samples")
+    return samples
+
+
+def behaviour(samples: list[dict], kinds: dict[str, str]) -> dict:
+    """Percentages over one setup's samples of one split: correct per kind, the kind's operation written,
+    worked steps (``a op b = r``) whose ``r`` is wrong, and boxed answers that are a single digit."""
+    correct: dict[str, list[bool]] = {}
+    operation, wrong_steps, steps, single_digit, completions = [], 0, 0, 0, 0
+    for sample in samples:
+        kind = kinds[sample["question"]]
+        correct.setdefault(kind, []).extend(sample["correct"])  # one flag per completion
+        for text in sample["completions"]:
+            completions += 1
+            operation.append(f" {OPERATION[kind]} " in text)
+            for a, op, b, r in STEP.findall(text):
+                steps += 1
+                wrong_steps += APPLY[op](int(a), int(b)) != int(r)
+            boxed = BOXED.findall(text)
+            single_digit += bool(boxed) and re.fullmatch(r"\d", boxed[-1].strip()) is not None
+    return {"accuracy": {kind: 100 * statistics.fmean(flags) for kind, flags in sorted(correct.items())},
+            "operation": 100 * statistics.fmean(operation), "wrong_steps": 100 * wrong_steps / max(steps, 1),
+            "single_digit": 100 * single_digit / max(completions, 1)}  # fmt: skip
+
+
+def pass_at_k(samples: list[dict], kinds: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per kind: mean@k and pass@k (%) of samples holding k completions each."""
+    by_kind: dict[str, list[list[bool]]] = {}
+    for sample in samples:
+        by_kind.setdefault(kinds[sample["question"]], []).append(sample["correct"])
+    return {kind: {"mean": 100 * statistics.fmean(c for row in rows for c in row),
+                   "pass": 100 * statistics.fmean(any(row) for row in rows)}
+            for kind, rows in sorted(by_kind.items())}  # fmt: skip
+
+
+def mean_behaviour(runs: list[dict]) -> dict:
+    """The mean over runs (seeds) of ``behaviour``'s numbers."""
+    kinds = runs[0]["accuracy"]
+    return {
+        "accuracy": {k: statistics.fmean(r["accuracy"][k] for r in runs) for k in kinds},
+        **{key: statistics.fmean(r[key] for r in runs) for key in ("operation", "wrong_steps", "single_digit")},
+    }
+
+
+def lens_rows(vectors_path: Path, model: str, top_k: int = 5) -> list[dict]:
+    """The logit lens (cosine with each token's unembedding row) of every steered layer: norm, top and bottom
+    ``top_k`` tokens as table cells."""
+    from steering_vllm import SteeringVectors
+    from trainer.logit_lens import analyse, load_unembedding
+
+    unembedding, _, config, tokenizer = load_unembedding(model)
+    vectors = SteeringVectors.load(vectors_path, num_layers=config.num_hidden_layers)
+    result = analyse(vectors, unembedding, tokenizer, top_k)
+    return [{"layer": e["layer"], "norm": e["norm"], "top": _tokens(e["top_cosine"]),
+             "bottom": _tokens(e["bottom_cosine"])}
+            for e in result["layers"] if e["steered"]]  # fmt: skip
+
+
+def _tokens(tokens: list[dict]) -> str:
+    return ", ".join(f"`{t['token']!r}` {t['score']:.3f}".replace("|", "\\|") for t in tokens)
