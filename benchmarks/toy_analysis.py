@@ -34,25 +34,28 @@ def samples_of(result: dict, benchmark: str) -> list[dict]:
     return samples
 
 
-def behaviour(samples: list[dict], kinds: dict[str, str]) -> dict:
-    """Percentages over one setup's samples of one split: correct per kind, the kind's operation written,
+def behaviour(samples: list[dict], kinds: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per problem kind, percentages over one setup's samples of one split: correct, writing the kind's operation,
     worked steps (``a op b = r``) whose ``r`` is wrong, and boxed answers that are a single digit."""
-    correct: dict[str, list[bool]] = {}
-    operation, wrong_steps, steps, single_digit, completions = [], 0, 0, 0, 0
+    counts: dict[str, dict[str, int]] = {}
     for sample in samples:
         kind = kinds[sample["question"]]
-        correct.setdefault(kind, []).extend(sample["correct"])  # one flag per completion
+        count = counts.setdefault(kind, dict.fromkeys(("completions", "correct", "operation", "steps", "wrong_steps",
+                                                       "single_digit"), 0))  # fmt: skip
+        count["correct"] += sum(sample["correct"])  # one flag per completion
         for text in sample["completions"]:
-            completions += 1
-            operation.append(f" {OPERATION[kind]} " in text)
+            count["completions"] += 1
+            count["operation"] += f" {OPERATION[kind]} " in text
             for a, op, b, r in STEP.findall(text):
-                steps += 1
-                wrong_steps += APPLY[op](int(a), int(b)) != int(r)
+                count["steps"] += 1
+                count["wrong_steps"] += APPLY[op](int(a), int(b)) != int(r)
             boxed = BOXED.findall(text)
-            single_digit += bool(boxed) and re.fullmatch(r"\d", boxed[-1].strip()) is not None
-    return {"accuracy": {kind: 100 * statistics.fmean(flags) for kind, flags in sorted(correct.items())},
-            "operation": 100 * statistics.fmean(operation), "wrong_steps": 100 * wrong_steps / max(steps, 1),
-            "single_digit": 100 * single_digit / max(completions, 1)}  # fmt: skip
+            count["single_digit"] += bool(boxed) and re.fullmatch(r"\d", boxed[-1].strip()) is not None
+    return {kind: {"accuracy": 100 * c["correct"] / c["completions"],
+                   "operation": 100 * c["operation"] / c["completions"],
+                   "wrong_steps": 100 * c["wrong_steps"] / max(c["steps"], 1),
+                   "single_digit": 100 * c["single_digit"] / c["completions"]}
+            for kind, c in sorted(counts.items())}  # fmt: skip
 
 
 def pass_at_k(samples: list[dict], kinds: dict[str, str]) -> dict[str, dict[str, float]]:
@@ -65,13 +68,10 @@ def pass_at_k(samples: list[dict], kinds: dict[str, str]) -> dict[str, dict[str,
             for kind, rows in sorted(by_kind.items())}  # fmt: skip
 
 
-def mean_behaviour(runs: list[dict]) -> dict:
-    """The mean over runs (seeds) of ``behaviour``'s numbers."""
-    kinds = runs[0]["accuracy"]
-    return {
-        "accuracy": {k: statistics.fmean(r["accuracy"][k] for r in runs) for k in kinds},
-        **{key: statistics.fmean(r[key] for r in runs) for key in ("operation", "wrong_steps", "single_digit")},
-    }
+def mean_behaviour(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The mean over runs (seeds) of ``behaviour``'s numbers, kind by kind."""
+    return {kind: {key: statistics.fmean(run[kind][key] for run in runs) for key in numbers}
+            for kind, numbers in runs[0].items()}  # fmt: skip
 
 
 def lens_rows(vectors_path: Path, model: str, top_k: int = 5) -> list[dict]:

@@ -90,19 +90,18 @@ def cross_rows(groups: dict[str, list[str]], results: dict[str, dict], worlds: l
 
 
 def record_behaviour(world: str, groups: dict[str, list[str]], results: dict, kinds: dict[str, str]) -> None:
-    """``toy_behaviour_WORLD``: each group's greedy completions on ``world``'s split, means over its runs."""
-    kind_names = sorted(set(kinds.values()))
+    """``toy_behaviour_WORLD``: each group's greedy completions on ``world``'s split, kind by kind, means over its
+    runs."""
     rows = []
     for group, labels in groups.items():
         found = mean_behaviour([behaviour(samples_of(results[label], world), kinds) for label in labels])
-        rows.append({"trained": group, **{f"accuracy_{k}": v for k, v in found["accuracy"].items()},
-                     **{key: found[key] for key in ("operation", "wrong_steps", "single_digit")}})  # fmt: skip
-    columns = [("trained", "Trained", ""), *[(f"accuracy_{k}", f"{k} (%)", ".1f") for k in kind_names],
+        rows += [{"trained": group, "kind": kind, **numbers} for kind, numbers in found.items()]
+    columns = [("trained", "Trained", ""), ("kind", "Kind", ""), ("accuracy", "accuracy (%)", ".1f"),
                ("operation", "writes its kind's operation (%)", ".1f"), ("wrong_steps", "wrong steps (%)", ".1f"),
                ("single_digit", "boxes one digit (%)", ".1f")]  # fmt: skip
-    title = (f"Greedy completions on world {world}'s held-out split, mean over the runs: accuracy per problem kind; "
-             "completions that write the kind's operation (groups, shopping: '*'; sharing: '/'; difference: '-'); "
-             "worked steps 'a op b = r' whose r is wrong; boxed answers that are one digit")  # fmt: skip
+    title = (f"Greedy completions on world {world}'s held-out split, mean over the runs: accuracy; completions that "
+             "write the kind's operation (groups, shopping: '*'; sharing: '/'; difference: '-'); worked steps "
+             "'a op b = r' whose r is wrong; boxed answers that are one digit")  # fmt: skip
     record(f"toy_behaviour_{world}", title, columns, rows)
 
 
@@ -110,10 +109,10 @@ def record_sampling(results: dict, kinds: dict[str, dict[str, str]]) -> None:
     """``toy_sampling``: per world and kind, the base model's greedy accuracy and its mean@8 and pass@8 at T=1."""
     rows = []
     for world, by_question in kinds.items():
-        greedy = behaviour(samples_of(results[BASE], world), by_question)["accuracy"]
+        greedy = behaviour(samples_of(results[BASE], world), by_question)
         sampled = pass_at_k(samples_of(results[SAMPLED], world), by_question)
         for kind, numbers in sampled.items():
-            rows.append({"world": world, "kind": kind, "greedy": greedy[kind], "mean": numbers["mean"],
+            rows.append({"world": world, "kind": kind, "greedy": greedy[kind]["accuracy"], "mean": numbers["mean"],
                          "pass": numbers["pass"]})  # fmt: skip
     columns = [("world", "World", ""), ("kind", "Kind", ""), ("greedy", "greedy (%)", ".1f"),
                ("mean", f"mean@{SAMPLES} at T=1 (%)", ".1f"),

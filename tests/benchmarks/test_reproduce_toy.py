@@ -174,8 +174,8 @@ def test_cross_world_serves_base_and_steering_runs_in_one_engine_and_groups_seed
     )
     recorded = json.loads((results_dir / "toy_behaviour_misused.json").read_text())["rows"]
     # every completion was the split's own worked solution: all right, every operation written, no wrong step
-    assert recorded[0]["trained"] == "Base" and recorded[0]["accuracy_groups"] == 100.0
-    assert recorded[0]["operation"] == 100.0 and recorded[0]["wrong_steps"] == 0.0
+    assert [(r["trained"], r["kind"]) for r in recorded[:3]] == [("Base", k) for k in ("groups", "sharing", "shopping")]
+    assert all(r["accuracy"] == r["operation"] == 100.0 and r["wrong_steps"] == 0.0 for r in recorded)
     assert (results_dir / "toy_sampling.json").exists()
 
 

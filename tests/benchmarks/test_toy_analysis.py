@@ -21,11 +21,14 @@ def test_behaviour_counts_kinds_operations_wrong_steps_and_one_digit_answers():
         {"question": "q-difference", "completions": ["12 - 5 = 7. The answer is \\boxed{7}."], "correct": [True]},
     ]  # fmt: skip
     found = behaviour(samples, KINDS)
-    assert found["accuracy"] == {"difference": 100.0, "groups": 0.0, "shopping": 0.0}
-    assert found["operation"] == pytest.approx(200 / 3)  # groups and difference wrote theirs; shopping did not
-    assert found["wrong_steps"] == pytest.approx(100 / 5)  # 1 of 5 steps
-    assert found["single_digit"] == pytest.approx(200 / 3)  # 9 and 7; not 27
-    assert mean_behaviour([found, {**found, "operation": 0.0}])["operation"] == pytest.approx(100 / 3)
+    assert {kind: numbers["accuracy"] for kind, numbers in found.items()} == {
+        "difference": 100.0, "groups": 0.0, "shopping": 0.0}  # fmt: skip
+    # groups and difference wrote their operation, shopping added its price
+    assert [found[k]["operation"] for k in ("groups", "shopping", "difference")] == [100.0, 0.0, 100.0]
+    assert [found[k]["wrong_steps"] for k in ("groups", "shopping", "difference")] == [50.0, 0.0, 0.0]  # 6 * 3 = 19
+    assert [found[k]["single_digit"] for k in ("groups", "shopping", "difference")] == [0.0, 100.0, 100.0]  # 27; 9; 7
+    runs = mean_behaviour([found, {**found, "groups": {**found["groups"], "operation": 0.0}}])
+    assert runs["groups"]["operation"] == 50.0 and runs["shopping"] == found["shopping"]
 
 
 def test_pass_at_k_is_any_correct_and_mean_at_k_the_mean():
