@@ -16,7 +16,7 @@ from trainer.rollout import Sample
 from trainer.trainables import SteeringTrainable
 from trainer.update import LossOptions, learn
 
-pytestmark = pytest.mark.slow  # two spawned processes per case
+pytestmark = pytest.mark.slow  # two spawned processes
 
 NORMALIZATIONS = ["token_sum", "token_mean", "sequence_mean"]
 
@@ -50,21 +50,28 @@ def _train(model_dir, normalization, rows):
     return trainable.learner.steering.detach().clone()
 
 
-def _rank(rank, world_size, port, model_dir, normalization, results):
+def _rank(rank, world_size, port, model_dir, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        results[rank] = _train(model_dir, normalization, list(range(rank, 6, world_size)))
+        for normalization in NORMALIZATIONS:
+            results[rank, normalization] = _train(model_dir, normalization, list(range(rank, 6, world_size)))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("normalization", NORMALIZATIONS)
-def test_two_gloo_ranks_take_the_single_process_step(tiny_model_dirs, normalization):
-    model_dir = str(tiny_model_dirs["qwen2"])
-    single = _train(model_dir, normalization, list(range(6)))
+@pytest.fixture(scope="module")
+def ranks(tiny_model_dirs):
+    """{(rank, normalization): vectors after two steps}: two gloo ranks spawned once, every normalization in turn."""
     results = mp.Manager().dict()
-    mp.spawn(_rank, args=(2, free_port(), model_dir, normalization, results), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), str(tiny_model_dirs["qwen2"]), results), nprocs=2, join=True)
+    return dict(results)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_two_gloo_ranks_take_the_single_process_step(tiny_model_dirs, ranks, normalization):
+    single = _train(str(tiny_model_dirs["qwen2"]), normalization, list(range(6)))
     assert single.abs().max() > 0.01  # the step moved the vectors
     for rank in (0, 1):
-        assert torch.allclose(results[rank], single, atol=1e-6, rtol=0), (results[rank] - single).abs().max()
+        result = ranks[rank, normalization]
+        assert torch.allclose(result, single, atol=1e-6, rtol=0), (result - single).abs().max()
