@@ -6,6 +6,7 @@ method's definition, implemented without our op or plugin.
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import os
@@ -66,11 +67,9 @@ def shutdown(llm) -> None:
 def hf_reference(model_dir, table: torch.Tensor | None, prompts, generations, phase: str = "all") -> list[dict]:
     """Teacher-forced HF logprobs of the generated tokens, and the HF argmax at each step. ``phase``: add the
     vectors at every position, at the prompt's positions only, or at the generated tokens' only."""
-    from transformers import AutoModelForCausalLM
-
-    # eager attention: SDPA drops Gemma 2's attention logit soft cap, which vLLM applies
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
-    model.eval()
+    model = _hf_model(
+        str(model_dir), tuple(p.stat().st_mtime_ns for p in sorted(Path(model_dir).glob("*.safetensors")))
+    )
     if table is None:
         return teacher_forced(model, prompts, generations)
     results = []
@@ -88,6 +87,15 @@ def hf_reference(model_dir, table: torch.Tensor | None, prompts, generations, ph
             for handle in handles:
                 handle.remove()
     return results
+
+
+@functools.lru_cache(maxsize=2)  # a module compares several runs with one model; the weights' times key the cache
+def _hf_model(model_dir: str, weights_mtimes: tuple[int, ...]):
+    from transformers import AutoModelForCausalLM
+
+    # eager attention: SDPA drops Gemma 2's attention logit soft cap, which vLLM applies
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
 
 
 def teacher_forced(model, prompts, generations) -> list[dict]:
