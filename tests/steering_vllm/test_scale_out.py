@@ -6,7 +6,8 @@
   served its own set (HF-hooks reference), a set PUT through HTTP reaches both, more configurations than rows
   wait and are served right;
 - data parallel 2 with its two API servers and global vectors: a steering choice is refused (400) by every
-  front end, a PUT swaps every rank, and every response's x-steering-hash and tokens are the new vectors';
+  front end, a file named in a PUT is refused without --steering-dir, a PUT of the bytes swaps every rank,
+  and every response's x-steering-hash and tokens are the new vectors';
   vLLM's own load client runs through both front ends with no failure while the vectors are swapped.
 
 Eager (both engines start in ~40 s instead of compiling twice on two cores); the steered graph is the one the
@@ -201,6 +202,18 @@ def test_several_front_ends_refuse_a_steering_choice_they_cannot_honour(dp_globa
     for response in responses:
         assert response.status_code == 400, response.text
         assert "--steering-sets" in response.json()["error"]["message"]
+
+
+def test_put_by_file_name_is_forbidden_without_a_steering_dir(dp_global_server, vector_files):
+    """Without --steering-dir the server reads no file by name, not even one next to its own vectors (b.safetensors
+    lies beside a.safetensors), whichever front end answers."""
+    url = dp_global_server
+    for name in (vector_files["b"], "b.safetensors") * 2:
+        response = requests.put(f"{url}/v1/steering", json={"file": name}, timeout=30)
+        assert response.status_code == 403, response.text
+        assert "start the server with --steering-dir DIR" in response.text
+    statuses = _concurrently([lambda: requests.get(f"{url}/v1/steering", timeout=30)] * 4)
+    assert all(s.status_code == 200 and s.json()["content_hash"] == A.content_hash() for s in statuses)
 
 
 def test_several_front_ends_a_put_swaps_every_engine_and_every_front_end_says_so(dp_global_server, tiny_model_dirs):

@@ -119,18 +119,3 @@ def test_a_bad_vectors_file_is_refused_before_the_engine_starts(tiny_model_dirs,
 
 def test_the_steering_endpoint_is_off_unless_vllm_plugins_names_it(server):
     assert requests.get(f"{server}/v1/steering", timeout=10).status_code == 404
-
-
-def test_put_by_file_name_is_forbidden_without_a_steering_dir(tiny_model_dirs, vectors, tmp_path):
-    """Without --steering-dir the server reads no file by name, not even one next to its own vectors."""
-    path = vectors.save(tmp_path / "v.safetensors")
-    other = vectors.scale(-1.0).save(tmp_path / "other.safetensors")
-    flags = ["--steering-vectors", str(path)]
-    with running_server(tiny_model_dirs["qwen2"], flags, tmp_path, {"VLLM_PLUGINS": "steering_vllm"}) as url:
-        before = requests.get(f"{url}/v1/steering", timeout=30).json()
-        for name in (str(other), "other.safetensors"):
-            response = requests.put(f"{url}/v1/steering", json={"file": name}, timeout=30)
-            assert response.status_code == 403, response.text
-            assert "start the server with --steering-dir DIR" in response.text
-        assert requests.get(f"{url}/v1/steering", timeout=30).json() == before
-        assert before["content_hash"] == vectors.content_hash()
