@@ -2,6 +2,7 @@ import hashlib
 import os
 import random
 import sys
+import time
 
 import pytest
 import torch
@@ -40,6 +41,18 @@ def pytest_collection_modifyitems(config, items):
         return
     rank = {f"tests/{name}": i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: a module keeps its order
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """``STEERING_TEST_TIMELINE=FILE``: each test's worker, start and end appended to FILE, to see how the workers
+    share a run (``python scripts/test_timeline.py FILE``)."""
+    start = time.time()
+    yield
+    if path := os.environ.get("STEERING_TEST_TIMELINE"):
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(path, "a") as timeline:
+            timeline.write(f"{worker}\t{item.nodeid}\t{start:.1f}\t{time.time():.1f}\n")
 
 
 @pytest.fixture(autouse=True)

@@ -49,6 +49,7 @@ def config_for(tiny_model_dirs, tmp_path_factory):
             "save_every": 2,
             "keep_checkpoints": 2,
             "reward_fn": "shaped_rewards:digit_share",
+            "reward_workers": 1,  # a cheap reward: one spawned process is enough
             "eval_data": str(root / "train.jsonl"),
             "eval_prompts": 4,
             "eval_every": 4,
