@@ -45,9 +45,9 @@ CASES = {
 
 
 # cases whose engine, swapped to zero vectors, is also compared with stock vLLM: one engine per family serves
-# both checks (test_engine_stock.py starts Qwen2's and Llama's stock comparisons apart)
-STOCK_CASES = {"qwen3-eager", "qwen3_moe-compiled", "mistral-eager", "gemma2-eager", "gemma3-compiled",
-               "gpt_oss-compiled"}  # fmt: skip
+# both checks (test_engine_stock.py compares Qwen2 and Llama without vectors, eager)
+STOCK_CASES = {"qwen2-compiled-gguf", "qwen3-eager", "qwen3_moe-compiled", "mistral-eager", "gemma2-eager",
+               "gemma3-compiled", "gpt_oss-compiled"}  # fmt: skip
 
 SWAPPED = SteeringVectors.from_tensor(
     torch.randn(NUM_LAYERS, HIDDEN_SIZE, generator=torch.Generator().manual_seed(3)) * 0.3

@@ -1,5 +1,6 @@
-"""Without vectors (absent or all zero) the steered model serves what stock vLLM serves; bad vectors stop the
-engine before it starts, with the file and the problem in the error."""
+"""Without vectors the steered model serves what stock vLLM serves (with all-zero vectors too: every family's
+parity engine swapped to zeros, in test_engine_parity.py); bad vectors stop the engine before it starts, with the
+file and the problem in the error."""
 
 import pytest
 import torch
@@ -28,9 +29,8 @@ def prompts():
     return random_prompts(3, 200, VOCAB_SIZE, seed=3)
 
 
-# Qwen2 and Llama here, without the option (and Qwen2 with zero vectors compiled); every other family is compared with
-# stock in test_engine_parity.py, by its (compiled) parity engine swapped to zero vectors (each engine costs
-# 20-45 s)
+# Qwen2 and Llama here, without the option; every family (Qwen2 compiled included) is also compared with stock in
+# test_engine_parity.py, by its parity engine swapped to zero vectors (each engine costs 20-45 s)
 FAMILIES = ("qwen2", "llama")
 STOCK_CLASS = {family: model_class for family, (_, model_class, _) in TINY_FAMILIES.items()}
 # fp32: measured at most 9.5e-7 between stock and unsteered, eager and compiled
@@ -55,16 +55,11 @@ def stock(stock_runs, family):
 
 
 @pytest.fixture(scope="module")
-def steered_runs(tiny_model_dirs, prompts, tmp_path_factory, family):
-    zeros = SteeringVectors.zeros(NUM_LAYERS, HIDDEN_SIZE).save(tmp_path_factory.mktemp("zeros") / "zeros.safetensors")
-    runs = {}
-    engines = {"absent": dict(enforce_eager=True)}
-    if family == "qwen2":  # compiled once: Llama's compiled engine is test_real_model_engine.py's
-        engines["zeros-compiled"] = dict(enforce_eager=False, additional_config={"steering_vectors": str(zeros)})
-    for name, kwargs in engines.items():
-        llm = start_engine(tiny_model_dirs[family], **kwargs)
-        runs[name] = {"class": model_class_name(llm), "outputs": greedy(llm, prompts, MAX_TOKENS)}
-        shutdown(llm)
+def steered_runs(tiny_model_dirs, prompts, family):
+    """The plugin's model class started without the option (no vectors at all), eager."""
+    llm = start_engine(tiny_model_dirs[family], enforce_eager=True)
+    runs = {"absent": {"class": model_class_name(llm), "outputs": greedy(llm, prompts, MAX_TOKENS)}}
+    shutdown(llm)
     return runs
 
 
