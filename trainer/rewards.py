@@ -10,12 +10,14 @@ trainer.
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import logging
 import math
 import multiprocessing
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -187,13 +189,30 @@ class Score:
     status: str  # one of STATUSES
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Hides the parent's main module from ``multiprocessing`` while a worker is spawned: spawn would import it
+    again in the worker (as ``__mp_main__``; for ``python -m trainer.rloo``: torch, the op and the learner, about
+    2 s and a few hundred MB a worker), and ``_serve`` needs only this module and the reward function's."""
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 class _Worker:
     """One worker process, its end of the pipe, and the task it is working on (with that task's deadline)."""
 
     def __init__(self, context: multiprocessing.context.SpawnContext, reward_fn_path: str):
         self.conn, child_conn = context.Pipe()
         self.process = context.Process(target=_serve, args=(child_conn, reward_fn_path), daemon=True)
-        self.process.start()
+        with _main_module_hidden():
+            self.process.start()
         child_conn.close()  # so that the parent reads EOF when the worker dies
         self.ready = False
         self.task: int | None = None

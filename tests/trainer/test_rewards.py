@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import collections
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -151,6 +155,22 @@ def test_hang_becomes_timeout_and_others_are_scored():
         assert timeout_s <= elapsed < timeout_s + 3.0
         assert pool.score(["e", "f"], ["e", ""]) == [Score(1.0, "correct"), Score(0.0, "wrong")]
         assert pool.counts == {"correct": 5, "wrong": 2, "timeout": 1}
+
+
+def test_workers_do_not_run_the_parents_main_module_again(tmp_path):
+    """``python -m trainer.rloo`` spawns the workers: they must not import torch, the op and the learner again."""
+    (tmp_path / "heavy_main.py").write_text(
+        "import torch  # what trainer.rloo's imports would cost each worker\n"
+        "from trainer.rewards import RewardPool\n"
+        "if __name__ == '__main__':\n"
+        f"    with RewardPool({MARKER_FN!r}, workers=1) as pool:\n"
+        "        print([s.status for s in pool.score(['IMPORTED:torch', 'IMPORTED:slow_rewards'], ['', ''])])\n"
+    )
+    helpers = Path(__file__).resolve().parents[1] / "helpers"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(helpers), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "heavy_main"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "['wrong', 'correct']"  # no torch; the reward function's module
 
 
 def test_timed_out_worker_is_replaced():
