@@ -78,15 +78,11 @@ def lens_rows(vectors_path: Path, model: str, top_k: int = 5) -> list[dict]:
     """The logit lens (cosine with each token's unembedding row) of every steered layer: norm, top and bottom
     ``top_k`` tokens as table cells."""
     from steering_vllm import SteeringVectors
-    from trainer.logit_lens import analyse, load_unembedding
+    from trainer.logit_lens import analyse, load_unembedding, markdown_tokens
 
     unembedding, _, config, tokenizer = load_unembedding(model)
     vectors = SteeringVectors.load(vectors_path, num_layers=config.num_hidden_layers)
     result = analyse(vectors, unembedding, tokenizer, top_k)
-    return [{"layer": e["layer"], "norm": e["norm"], "top": _tokens(e["top_cosine"]),
-             "bottom": _tokens(e["bottom_cosine"])}
+    return [{"layer": e["layer"], "norm": e["norm"], "top": markdown_tokens(e["top_cosine"], top_k),
+             "bottom": markdown_tokens(e["bottom_cosine"], top_k)}
             for e in result["layers"] if e["steered"]]  # fmt: skip
-
-
-def _tokens(tokens: list[dict]) -> str:
-    return ", ".join(f"`{t['token']!r}` {t['score']:.3f}".replace("|", "\\|") for t in tokens)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from benchmarks.results import record
+from benchmarks.results import markdown, record
 from benchmarks.toy_analysis import behaviour, kinds_of, mean_behaviour, pass_at_k, samples_of
 
 SAMPLES = 8  # the base model's samples per problem at T=1
@@ -39,11 +39,11 @@ def cross_world(model: str, tests: dict[str, str], runs: dict[str, dict[str, lis
                 label = f"{method}.{world}.{directory.name}"  # a per-request set's name: no ',' or '='
                 groups.setdefault(f"{names[method]}, trained on {world}", []).append(label)
                 if method == "steering":
-                    steering.append(f"{label}={directory / 'steering_vectors.safetensors'}")
+                    steering.append((label, directory / "steering_vectors.safetensors"))
                 else:
                     models.append((label, directory / "model"))
-    vectors = ["--vectors", ",".join(steering)] if steering else []
-    calls = [([BASE, *(s.split("=")[0] for s in steering)], ["--model", model, "--include-base", *vectors]),
+    vectors = ["--vectors", ",".join(f"{label}={path}" for label, path in steering)] if steering else []
+    calls = [([BASE, *(label for label, _ in steering)], ["--model", model, "--include-base", *vectors]),
              *[([label], ["--model", str(path), "--label", label]) for label, path in models]]  # fmt: skip
     calls = [(labels, [*options, "--temperature", "0"]) for labels, options in calls]
     sampled = ["--temperature", "1", "--k", str(SAMPLES), "--seeds", "1"]
@@ -54,12 +54,14 @@ def cross_world(model: str, tests: dict[str, str], runs: dict[str, dict[str, lis
     results = {r["label"]: r for r in json.loads((output / "results.json").read_text())}
     table = cross_rows(groups, results, list(tests))
     columns = [("trained", "Trained", "")] + [(f"on_{w}", f"tested on {w}", "") for w in tests]
-    record(name, "Held-out greedy accuracy (%) by trainer.eval, mean ± std over the reported seeds", columns, table)
+    path = record(
+        name, "Held-out greedy accuracy (%) by trainer.eval, mean ± std over the reported seeds", columns, table
+    )
     kinds = {world: kinds_of(path) for world, path in tests.items()}
     for world in tests:
         record_behaviour(world, groups, results, kinds[world])
     record_sampling(results, kinds)
-    return "\n".join(f"| {row['trained']} | " + " | ".join(row[f"on_{w}"] for w in tests) + " |" for row in table)
+    return markdown(json.loads(path.read_text()))
 
 
 def evaluate(labels: list[str], options: list[str], output: Path) -> None:

@@ -126,7 +126,8 @@ def _md_token(entry: dict) -> str:
     return f"{fence}{quoted}{fence}" + (f" #{entry['id']}" if "\ufffd" in entry["token"] else "")
 
 
-def _md_tokens(tokens: list[dict], n: int) -> str:
+def markdown_tokens(tokens: list[dict], n: int) -> str:
+    """The first ``n`` tokens of a ranked list as one table cell: each quoted token and its score."""
     return ", ".join(f"{_md_token(t)} {t['score']:.3f}" for t in tokens[:n])
 
 
@@ -145,7 +146,7 @@ def write_markdown(result: dict, path) -> Path:
     ]
     for entry in result["layers"]:
         if entry["steered"]:
-            top, bottom = _md_tokens(entry["top_cosine"], 5), _md_tokens(entry["bottom_cosine"], 5)
+            top, bottom = markdown_tokens(entry["top_cosine"], 5), markdown_tokens(entry["bottom_cosine"], 5)
         else:
             top, bottom = "(absent)" if entry["absent"] else "(zero vector)", ""
         lines.append(f"| {entry['layer']} | {entry['norm']:.4f} | {top} | {bottom} |")

@@ -45,6 +45,7 @@ def test_lens_rows_rank_the_tokens_whose_unembedding_a_vector_points_along(tiny_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from steering_vllm import SteeringVectors
+    from trainer.logit_lens import markdown_tokens
 
     model_dir = tiny_model_dirs["qwen2"]
     unembedding = AutoModelForCausalLM.from_pretrained(model_dir).get_output_embeddings().weight.detach()
@@ -54,5 +55,6 @@ def test_lens_rows_rank_the_tokens_whose_unembedding_a_vector_points_along(tiny_
     path = SteeringVectors.from_tensor(table).save(tmp_path / "v.safetensors")
     (row,) = lens_rows(path, str(model_dir))  # only layer 2 is steered
     assert row["layer"] == 2 and row["norm"] == pytest.approx(3.0, rel=1e-5)
-    assert row["top"].startswith(f"`{tokenizer.decode([100])!r}` 1.000")
+    first = markdown_tokens([{"id": 100, "token": tokenizer.decode([100]), "score": 1.0}], 1)  # the lens's own cell
+    assert row["top"].startswith(first + ", ")
     assert row["top"].count(", ") >= 4 and row["bottom"]
