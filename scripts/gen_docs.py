@@ -99,6 +99,11 @@ def with_results(text: str) -> str:
             raise KeyError(f"{m.group(1)}: benchmarks/results/{m.group(2)}.json has no row {row} with {key!r}")
         return f"{m.group(1)}{cell(rows[row][key], m.group(5))}{m.group(7)}"
 
+    malformed = text.count("<!-- value:") - len(VALUE.findall(text))
+    malformed += text.count("<!-- results:") - len(RESULTS_BLOCK.findall(text))
+    if malformed:
+        raise ValueError(f"{malformed} results or value marker(s) do not parse (a value's format may hold no space, "
+                         "and each needs its closing marker)")  # fmt: skip
     text = RESULTS_BLOCK.sub(lambda m: f"{m.group(1)}{markdown(load(m.group(2)))}\n{m.group(4)}", text)
     return VALUE.sub(value, text)
 
@@ -108,8 +113,11 @@ def pages() -> dict[Path, str]:
     wanted = {CONFIG_PAGE: config_page()}
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
         text = wanted.get(path, path.read_text())
-        if RESULTS_BLOCK.search(text) or VALUE.search(text):
-            wanted[path] = with_results(text)
+        if "<!-- results:" in text or "<!-- value:" in text:
+            try:
+                wanted[path] = with_results(text)
+            except (KeyError, ValueError) as error:
+                raise SystemExit(f"{path.relative_to(ROOT)}: {error}") from None
     return wanted
 
 
