@@ -7,6 +7,9 @@ model forward/backward, one prepared script, about a minute on one GPU.
    into the vectors only, AdamW) on 8 sequences of 1024 tokens, with and without activation checkpointing:
    median time and peak memory, next to the same forward/backward through HF's own model (hooks).
 
+Writes ``benchmarks/results/learner_gpu.json`` (the cost table, with the correctness figures in its notes), from
+which the GPU page's table is generated.
+
 python -m benchmarks.gpu_check_learner
 """
 
@@ -21,6 +24,7 @@ import torch
 from trainer.learner import SteeredLearner
 
 failures: list[str] = []
+measured: dict[str, float] = {}
 
 
 def check(ok: bool, what: str) -> None:
@@ -67,6 +71,7 @@ def correctness() -> None:
     (ours * valid).sum().backward()
     diff = (ours - reference)[valid].abs().max().item()
     grad = ((learner.steering.grad - reference_table.grad).abs().max() / reference_table.grad.abs().max()).item()
+    measured.update(logprob_diff=diff, grad_rel_diff=grad)
     check(
         diff < 1e-3,
         f"logprobs max |diff| {diff:.2e} (< 1e-3; TF32 matmuls off? {not torch.backends.cuda.matmul.allow_tf32})",
@@ -96,7 +101,7 @@ def _step(loss_fn, optimizer):
     return step
 
 
-def cost() -> None:
+def cost() -> list[dict]:
     print("2. learner step at Qwen2.5-1.5B shape (bf16, 8 x 1024 tokens)", flush=True)
     model = qwen2(1536, 28, 12, 2, 8960, 151936, torch.bfloat16)
     ids = torch.randint(0, 151936, (8, 1024), device="cuda")
@@ -106,7 +111,8 @@ def cost() -> None:
         learner = SteeredLearner(model, None, gradient_checkpointing=checkpointing)
         optimizer = torch.optim.AdamW([learner.steering], lr=1e-3)
         step = _step(lambda learner=learner: -learner.token_logprobs(ids, mask).mean(), optimizer)
-        rows.append((f"learner (fused op), checkpointing={checkpointing}", *timed(step)))
+        name = "ours (fused op), activation checkpointing" if checkpointing else "ours (fused op)"
+        rows.append((name, *timed(step)))
         del learner, optimizer, step
     table = torch.zeros(28, 1536, device="cuda", requires_grad=True)
     optimizer = torch.optim.AdamW([table], lr=1e-3)
@@ -116,12 +122,25 @@ def cost() -> None:
     print(f"  {'':48s} {'median s':>9s} {'vs hooks':>9s} {'peak GiB':>9s}")
     for name, seconds, peak in rows:
         print(f"  {name:48s} {seconds:9.3f} {seconds / base:9.2f} {peak:9.1f}", flush=True)
+    return [{"way": name, "median_s": seconds, "vs_hooks": seconds / base, "peak_gib": peak}
+            for name, seconds, peak in rows]  # fmt: skip
+
+
+def record_results(rows: list[dict]) -> None:
+    from benchmarks.results import record
+
+    columns = [("way", "learner step, Qwen2.5-1.5B shape, 8 x 1024 tokens, bf16", ""), ("median_s", "median s", ".3f"),
+               ("vs_hooks", "vs hooks", ".2f"), ("peak_gib", "peak GiB", ".1f")]  # fmt: skip
+    notes = (f"{torch.cuda.get_device_name()}; correctness (fp32, small Qwen2): logprobs within "
+             f"{measured['logprob_diff']:.1e} of the hooks, vector gradient within {measured['grad_rel_diff']:.1e} "
+             "(relative)")  # fmt: skip
+    record("learner_gpu", "The learner on a GPU: one step against HF forward hooks", columns, rows, notes)
 
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     correctness()
-    cost()
+    record_results(cost())
     if failures:
         print(f"{len(failures)} check(s) failed", flush=True)
         sys.exit(1)
