@@ -1,0 +1,41 @@
+"""What the real-model premise and the quick-start benchmark read from trainer outputs: the last number a completion
+writes, GSM8K's gold, boxed and right counts; a run's phase medians; trainer.eval's statuses as a table row."""
+
+import pytest
+
+from benchmarks.quick_start import eval_rows, step_phases
+from benchmarks.real_premise import gsm8k_gold, last_number, sample_counts
+
+
+def test_last_number_drops_separators_and_a_trailing_point_zero():
+    assert last_number("She pays 1,250 dollars, then 3.0 more: 1253.0") == "1253"
+    assert last_number("12 - 5 = -7") == "-7"
+    assert last_number("2.5 hours") == "2.5"
+    assert last_number("no digits") is None
+
+
+def test_sample_counts_boxed_and_last_number_against_the_gold_after_hashes():
+    assert gsm8k_gold("She sells 9 eggs.\n#### 1,018") == "1018"
+    samples = [{"gold": "9 * 2 = 18\n#### 18", "completions": ["So \\boxed{18}.", "It is 18", "It is 17"]},
+               {"gold": "#### 5", "completions": ["\\boxed{4} or 5?", "5 apples, then 6"]}]  # fmt: skip
+    assert sample_counts(samples) == {"completions": 5, "boxed": 2, "last_number_right": 3}
+
+
+def test_step_phases_are_medians_after_the_first_step():
+    metrics = [{"step": 1, "time": {"generate": 9.0, "score": 3.0, "learn": 9.0, "sync": 1.0}},
+               {"step": 2, "time": {"generate": 1.0, "score": 0.1, "learn": 0.5, "sync": 0.01}},
+               {"step": 3, "time": {"generate": 2.0, "score": 0.1, "learn": 0.7, "sync": 0.01}},
+               {"step": 4, "time": {"generate": 1.5, "score": 0.3, "learn": 0.6, "sync": 0.03}}]  # fmt: skip
+    phases = step_phases(metrics)
+    assert phases["generate"] == 1.5 and phases["learn"] == 0.6 and phases["score"] == 0.1
+    assert phases["step"] == pytest.approx(2.43)  # the median whole step (step 4's), not the sum of phase medians
+
+
+def test_eval_rows_split_what_is_not_correct_into_wrong_and_unboxed():
+    results = [{"label": "base", "benchmarks": [{"mean": 14.4, "problems": 500, "seeds": [
+        {"statuses": {"correct": 72, "wrong": 90, "parse_failure": 5, "no_boxed": 333},
+         "samples": [{"gold": "27", "completions": ["The answer is 27."]},
+                     {"gold": "4", "completions": ["\\boxed{5}"]}]}]}]}]  # fmt: skip
+    row = eval_rows(results)["base"]
+    assert (row["accuracy"], row["correct"], row["wrong"], row["unboxed"], row["problems"]) == (14.4, 72, 95, 333, 500)
+    assert row["number_right"] == 1
