@@ -7,7 +7,8 @@ problems, before and after), then scores the base model and the trained vectors 
 one ``trainer.eval`` (greedy, one engine, a per-request set each), with Math-Verify's statuses (correct, wrong,
 no boxed answer) and how many answers end with the right number, boxed or not (the skill, whatever the form).
 On a CPU with AVX-512 the base model is scored once more on the AVX2 code paths (``scripts/as_avx2_cpu.sh``):
-fp32 sums round differently there, and a near tie can flip a greedy token.
+fp32 sums round differently there, and a near tie can flip a greedy token. Last, the logit lens of the trained
+vectors (``python -m trainer.logit_lens``, top 5): its table is recorded, its figures stay in the work directory.
 
   python -m benchmarks.quick_start
 """
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from benchmarks.results import load, markdown, record
+    from benchmarks.toy_analysis import lens_rows
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quick_start", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -108,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         _run(avx2, work / "avx2.log")
         base = eval_rows(json.loads((work / "avx2" / "results.json").read_text()))
         rows.append({"setup": "base model", "isa": "AVX2 (scripts/as_avx2_cpu.sh)", **next(iter(base.values()))})
+    print("[lens] the logit lens of the trained vectors", flush=True)
+    _run([sys.executable, "-m", "trainer.logit_lens", str(vectors), "--model", str(TOY_MODEL), "--top-k", "5",
+          "--output-dir", str(work / "lens")], work / "lens.log")  # fmt: skip
+    lens_columns = [("layer", "layer", ""), ("norm", "norm", ".4f"), ("top", "top 5 by cosine", ""),
+                    ("bottom", "bottom 5 by cosine", "")]  # fmt: skip
+    record("quick_start_lens", "Logit lens of command 1's vectors: cosine with each token's unembedding row",
+           lens_columns, lens_rows(vectors, str(TOY_MODEL)))  # fmt: skip
+    print(f"logit lens figures: {work / 'lens'}", flush=True)
     phases = step_phases(metrics)
     steps = {"train_s": train_s, "eval_s": eval_s, "steps": len(metrics), **phases,
              **{f"{name}_share": 100.0 * phases[name] / phases["step"] for name in PHASES},

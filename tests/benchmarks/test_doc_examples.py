@@ -1,5 +1,6 @@
-"""What the real-model premise and the quick-start benchmark read from trainer outputs: the last number a completion
-writes, GSM8K's gold, boxed and right counts; a run's phase medians; trainer.eval's statuses as a table row."""
+"""What the benchmarks behind the docs' examples read from trainer outputs: the real-model premise (the last number
+a completion writes, GSM8K's gold, boxed and right counts), command 1 (a run's phase medians, trainer.eval's statuses
+as a table row), the extraction example's lens rows and the canary's gaps."""
 
 import pytest
 
@@ -39,3 +40,21 @@ def test_eval_rows_split_what_is_not_correct_into_wrong_and_unboxed():
     row = eval_rows(results)["base"]
     assert (row["accuracy"], row["correct"], row["wrong"], row["unboxed"], row["problems"]) == (14.4, 72, 95, 333, 500)
     assert row["number_right"] == 1
+
+
+def test_extraction_lens_rows_are_the_asked_layers_top_and_bottom_cells():
+    from benchmarks.extraction_example import lens_rows
+
+    entry = {"top_cosine": [{"token": " happy", "score": 0.5}], "bottom_cosine": [{"token": " sad", "score": -0.4}]}
+    lens = {"layers": [{"layer": layer, **entry} for layer in range(4)]}
+    rows = lens_rows(lens, (1, 3))
+    assert [r["layer"] for r in rows] == [1, 3]
+    assert "happy" in rows[0]["top"] and "sad" in rows[0]["bottom"] and "sad" not in rows[0]["top"]
+
+
+def test_canary_gaps_are_every_step_of_metrics(tmp_path):
+    from benchmarks.canary_families import gaps
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "logprob_gap": 3e-7}\n{"step": 2, "logprob_gap": 2e-7}\n\n')
+    assert gaps(path) == [3e-7, 2e-7]
