@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
+
+from benchmarks.commands import run_command
 
 HELPERS = Path(__file__).resolve().parent.parent / "tests" / "helpers"
 DTYPES = ("float32", "bfloat16")
@@ -33,9 +34,11 @@ def trainer_config(model: Path, output: Path, data: Path, dtype: str, steps: int
             "engine": {"enforce_eager": True, "gpu_memory_utilization": 0.05, "max_model_len": 512}}  # fmt: skip
 
 
-def gaps(metrics_path: Path) -> list[float]:
-    lines = metrics_path.read_text().splitlines()
-    return [json.loads(line)["logprob_gap"] for line in lines if line.strip()]
+def gaps(run_dir: Path) -> list[float]:
+    """The canary of every step of a trainer run, in order."""
+    from trainer.curves import read_metrics
+
+    return [metrics["logprob_gap"] for metrics in read_metrics(run_dir)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps({"problem": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
                             for a in range(10) for b in range(10)))  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")]),
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}  # fmt: skip
+    env = {"PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")])}  # the shaped reward
     rows = []
     for number, family in enumerate(families, 1):
         model = build_tiny_model(work / f"model-{family}", family)
@@ -68,13 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             output = work / f"run-{family}-{dtype}"
             config = work / f"{family}-{dtype}.yaml"
             config.write_text(yaml.safe_dump(trainer_config(model, output, data, dtype, args.steps)))
-            log = work / f"{family}-{dtype}.log"
-            with log.open("w") as out:
-                result = subprocess.run([sys.executable, "-m", "trainer.rloo", "--config", str(config)], env=env,
-                                        stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-            if result.returncode != 0:
-                raise SystemExit(f"{family} {dtype}: the trainer failed; its log: {log}\n{log.read_text()[-3000:]}")
-            found = gaps(output / "metrics.jsonl")
+            run_command([sys.executable, "-m", "trainer.rloo", "--config", str(config)], work / f"{family}-{dtype}.log",
+                        env)  # fmt: skip
+            found = gaps(output)
             row.update({f"{dtype}_first": found[0], f"{dtype}_min": min(found), f"{dtype}_max": max(found),
                         f"{dtype}_steps": found})  # fmt: skip
         rows.append(row)

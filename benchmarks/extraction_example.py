@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchmarks.commands import run_command
+from benchmarks.toy_analysis import lens_table
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = ROOT / "examples" / "sentiment_pairs.jsonl"
@@ -26,22 +27,6 @@ LENS_LAYERS = (23, 26, 29)
 PROMPTS = ("How was your weekend?", "Describe the restaurant you went to last night.")
 CHOICES = (("unsteered", None), ("happy (layer 15, x2)", "happy"), ("grumpy (layer 15, x-2)", "grumpy"))
 POSITIVE, NEGATIVE = (" wonderful", " great", " happy"), (" terrible", " awful", " sad")
-
-
-def _run(*command: str) -> float:
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
-
-
-def lens_rows(lens: dict, layers: tuple[int, ...]) -> list[dict]:
-    from trainer.logit_lens import markdown_tokens
-
-    by_layer = {entry["layer"]: entry for entry in lens["layers"]}
-    return [{"layer": layer, "top": markdown_tokens(by_layer[layer]["top_cosine"], 5),
-             "bottom": markdown_tokens(by_layer[layer]["bottom_cosine"], 5)} for layer in layers]  # fmt: skip
 
 
 def completions(model: str, sets: dict[str, str], max_tokens: int) -> list[dict]:
@@ -112,22 +97,22 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=40, help="new tokens per completion")
     args = parser.parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # the engine below runs in this process
     model = build()["model"]
     work = Path(tempfile.mkdtemp(prefix="extraction-example-"))
     vectors = work / "sentiment.safetensors"
     print("[1/4] trainer.extract, the logit lens, convert", flush=True)
-    extract_s = _run(sys.executable, "-m", "trainer.extract", "--model", model, "--pairs", str(PAIRS),
-                     "--chat-template", "--position", "mean", "--output", str(vectors))  # fmt: skip
-    _run(sys.executable, "-m", "trainer.logit_lens", str(vectors), "--model", model, "--apply-norm-weight",
-         "--top-k", "5", "--output-dir", str(work / "lens"))  # fmt: skip
+    extract_s = run_command([sys.executable, "-m", "trainer.extract", "--model", model, "--pairs", str(PAIRS),
+                             "--chat-template", "--position", "mean", "--output", str(vectors)])  # fmt: skip
+    run_command([sys.executable, "-m", "trainer.logit_lens", str(vectors), "--model", model, "--apply-norm-weight",
+                 "--top-k", "5", "--output-dir", str(work / "lens")])  # fmt: skip
     convert = [str(Path(sys.executable).parent / "steering-vllm"), "convert", str(vectors)]
-    _run(*convert, str(work / "happy.safetensors"), "--layers", "15", "--scale", "2")
-    _run(*convert, str(work / "grumpy.safetensors"), "--layers", "15", "--scale", "-2")
+    run_command([*convert, str(work / "happy.safetensors"), "--layers", "15", "--scale", "2"])
+    run_command([*convert, str(work / "grumpy.safetensors"), "--layers", "15", "--scale", "-2"])
     lens = json.loads((work / "lens" / "logit_lens.json").read_text())
     record("extraction_lens", "Logit lens of the sentiment vector (SmolLM2-135M-Instruct), final norm's weight "
            "applied: cosine with each token's unembedding row", [("layer", "layer", ""),
-           ("top", "top 5", ""), ("bottom", "bottom 5", "")], lens_rows(lens, LENS_LAYERS),
+           ("top", "top 5", ""), ("bottom", "bottom 5", "")], lens_table(lens, layers=LENS_LAYERS),
            notes=f"trainer.extract took {extract_s:.1f} s (the whole command)")  # fmt: skip
     print("[2/4] one engine: unsteered, happy and grumpy side by side", flush=True)
     sets = {"happy": str(work / "happy.safetensors"), "grumpy": str(work / "grumpy.safetensors")}

@@ -8,7 +8,8 @@ one ``trainer.eval`` (greedy, one engine, a per-request set each), with Math-Ver
 no boxed answer) and how many answers end with the right number, boxed or not (the skill, whatever the form).
 On a CPU with AVX-512 the base model is scored once more on the AVX2 code paths (``scripts/as_avx2_cpu.sh``):
 fp32 sums round differently there, and a near tie can flip a greedy token. Last, the logit lens of the trained
-vectors (``python -m trainer.logit_lens``, top 5): its table is recorded, its figures stay in the work directory.
+vectors (``python -m trainer.logit_lens``, top 5): its table is recorded from the command's JSON, its figures stay
+in the work directory.
 
   python -m benchmarks.quick_start
 """
@@ -16,28 +17,17 @@ vectors (``python -m trainer.logit_lens``, top 5): its table is recorded, its fi
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchmarks.commands import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_MODEL = ROOT / "fixtures" / "toy-model"
 HELD_OUT = TOY_MODEL / "data" / "test.jsonl"
 PHASES = ("generate", "score", "learn", "sync")
-
-
-def _run(command: list[str], log: Path) -> float:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    start = time.perf_counter()
-    with log.open("w") as out:
-        result = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed; its log: {log}\n{log.read_text()[-3000:]}")
-    return time.perf_counter() - start
 
 
 def step_phases(metrics: list[dict]) -> dict[str, float]:
@@ -83,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from benchmarks.results import load, markdown, record
-    from benchmarks.toy_analysis import lens_rows
+    from benchmarks.toy_analysis import lens_table
+    from trainer.curves import read_metrics, read_summary
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quick_start", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -91,32 +82,31 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="quick-start-"))
     run_dir = work / "toy"
     print(f"[1/3] command 1 into {run_dir}", flush=True)
-    train_s = _run([sys.executable, "-m", "trainer.rloo", "--config", "configs/toy.yaml", "--output_dir",
+    train_s = run_command([sys.executable, "-m", "trainer.rloo", "--config", "configs/toy.yaml", "--output_dir",
                     str(run_dir)], work / "train.log")  # fmt: skip
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics, summary = read_metrics(run_dir), read_summary(run_dir)
     gaps = [m["logprob_gap"] for m in metrics if "logprob_gap" in m]
 
     print("[2/3] trainer.eval: the base model and the trained vectors on every held-out problem", flush=True)
     vectors = run_dir / "steering_vectors.safetensors"
     eval_command = [*_eval_command(work / "eval"), "--vectors", f"steering={vectors}", "--include-base"]
-    eval_s = _run(eval_command, work / "eval.log")
+    eval_s = run_command(eval_command, work / "eval.log")
     evaluated = eval_rows(json.loads((work / "eval" / "results.json").read_text()))
     rows = [{"setup": "base model", "isa": "this CPU's", **evaluated["base"]},
             {"setup": "+ command 1's steering vectors", "isa": "this CPU's", **evaluated["steering"]}]  # fmt: skip
     if _has_avx512():
         print("[3/3] trainer.eval: the base model again, on the AVX2 code paths", flush=True)
         avx2 = [str(ROOT / "scripts" / "as_avx2_cpu.sh"), *_eval_command(work / "avx2")]
-        _run(avx2, work / "avx2.log")
+        run_command(avx2, work / "avx2.log")
         base = eval_rows(json.loads((work / "avx2" / "results.json").read_text()))
         rows.append({"setup": "base model", "isa": "AVX2 (scripts/as_avx2_cpu.sh)", **next(iter(base.values()))})
     print("[lens] the logit lens of the trained vectors", flush=True)
-    _run([sys.executable, "-m", "trainer.logit_lens", str(vectors), "--model", str(TOY_MODEL), "--top-k", "5",
+    run_command([sys.executable, "-m", "trainer.logit_lens", str(vectors), "--model", str(TOY_MODEL), "--top-k", "5",
           "--output-dir", str(work / "lens")], work / "lens.log")  # fmt: skip
     lens_columns = [("layer", "layer", ""), ("norm", "norm", ".4f"), ("top", "top 5 by cosine", ""),
                     ("bottom", "bottom 5 by cosine", "")]  # fmt: skip
     record("quick_start_lens", "Logit lens of command 1's vectors: cosine with each token's unembedding row",
-           lens_columns, lens_rows(vectors, str(TOY_MODEL)))  # fmt: skip
+           lens_columns, lens_table(json.loads((work / "lens" / "logit_lens.json").read_text())))  # fmt: skip
     print(f"logit lens figures: {work / 'lens'}", flush=True)
     phases = step_phases(metrics)
     steps = {"train_s": train_s, "eval_s": eval_s, "steps": len(metrics), **phases,

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from benchmarks.commands import run_command
 from trainer.config import SYSTEM_PROMPT
 
 ENGINE = "{gpu_memory_utilization: 0.1, max_model_len: 2048}"
@@ -63,12 +61,7 @@ def run_setting(fixture: dict, output: Path, data: str, problems: int, k: int, t
                "--k", str(k), "--temperature", str(temperature), "--seeds", "1", "--max-new-tokens",
                str(max_new_tokens), "--system-prompt", system_prompt, "--save-samples", "--engine", ENGINE,
                "--output-dir", str(output)]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    wall = time.perf_counter() - start
+    wall = run_command(command)
     benchmark = json.loads((output / "results.json").read_text())[0]["benchmarks"][0]
     seed = benchmark["seeds"][0]
     counts = sample_counts(seed["samples"])

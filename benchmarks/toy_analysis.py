@@ -78,11 +78,21 @@ def lens_rows(vectors_path: Path, model: str, top_k: int = 5) -> list[dict]:
     """The logit lens (cosine with each token's unembedding row) of every steered layer: norm, top and bottom
     ``top_k`` tokens as table cells."""
     from steering_vllm import SteeringVectors
-    from trainer.logit_lens import analyse, load_unembedding, markdown_tokens
+    from trainer.logit_lens import analyse, load_unembedding
 
     unembedding, _, config, tokenizer = load_unembedding(model)
     vectors = SteeringVectors.load(vectors_path, num_layers=config.num_hidden_layers)
-    result = analyse(vectors, unembedding, tokenizer, top_k)
-    return [{"layer": e["layer"], "norm": e["norm"], "top": markdown_tokens(e["top_cosine"], top_k),
-             "bottom": markdown_tokens(e["bottom_cosine"], top_k)}
-            for e in result["layers"] if e["steered"]]  # fmt: skip
+    return lens_table(analyse(vectors, unembedding, tokenizer, top_k), top_k)
+
+
+def lens_table(result: dict, top_k: int = 5, layers: tuple[int, ...] | None = None) -> list[dict]:
+    """Table rows (layer, norm, top and bottom ``top_k`` tokens as cells) of a logit lens result: what
+    ``trainer.logit_lens.analyse`` returns or the command writes as ``logit_lens.json``; every steered layer, or
+    ``layers``."""
+    from trainer.logit_lens import markdown_tokens
+
+    by_layer = {entry["layer"]: entry for entry in result["layers"]}
+    chosen = layers if layers is not None else [layer for layer, entry in by_layer.items() if entry["steered"]]
+    return [{"layer": layer, "norm": by_layer[layer]["norm"],
+             "top": markdown_tokens(by_layer[layer]["top_cosine"], top_k),
+             "bottom": markdown_tokens(by_layer[layer]["bottom_cosine"], top_k)} for layer in chosen]  # fmt: skip

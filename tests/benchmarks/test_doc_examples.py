@@ -1,6 +1,6 @@
 """What the benchmarks behind the docs' examples read from trainer outputs: the real-model premise (the last number
 a completion writes, GSM8K's gold, boxed and right counts), command 1 (a run's phase medians, trainer.eval's statuses
-as a table row), the extraction example's lens rows and the canary's gaps."""
+as a table row), a logit lens result's table rows and the canary's gaps."""
 
 import pytest
 
@@ -42,19 +42,19 @@ def test_eval_rows_split_what_is_not_correct_into_wrong_and_unboxed():
     assert row["number_right"] == 1
 
 
-def test_extraction_lens_rows_are_the_asked_layers_top_and_bottom_cells():
-    from benchmarks.extraction_example import lens_rows
+def test_lens_table_rows_are_the_steered_or_the_asked_layers_top_and_bottom_cells():
+    from benchmarks.toy_analysis import lens_table
 
     entry = {"top_cosine": [{"token": " happy", "score": 0.5}], "bottom_cosine": [{"token": " sad", "score": -0.4}]}
-    lens = {"layers": [{"layer": layer, **entry} for layer in range(4)]}
-    rows = lens_rows(lens, (1, 3))
-    assert [r["layer"] for r in rows] == [1, 3]
+    lens = {"layers": [{"layer": layer, "norm": float(layer), "steered": layer != 2, **entry} for layer in range(4)]}
+    assert [r["layer"] for r in lens_table(lens)] == [0, 1, 3]  # the steered ones
+    rows = lens_table(lens, layers=(1, 3))
+    assert [(r["layer"], r["norm"]) for r in rows] == [(1, 1.0), (3, 3.0)]
     assert "happy" in rows[0]["top"] and "sad" in rows[0]["bottom"] and "sad" not in rows[0]["top"]
 
 
 def test_canary_gaps_are_every_step_of_metrics(tmp_path):
     from benchmarks.canary_families import gaps
 
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "logprob_gap": 3e-7}\n{"step": 2, "logprob_gap": 2e-7}\n\n')
-    assert gaps(path) == [3e-7, 2e-7]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "logprob_gap": 3e-7}\n{"step": 2, "logprob_gap": 2e-7}\n\n')
+    assert gaps(tmp_path) == [3e-7, 2e-7]
