@@ -34,6 +34,20 @@ def test_the_generated_pages_match_the_code():
     assert result.returncode == 0, result.stderr
 
 
+def test_a_marker_that_does_not_parse_is_refused_not_left_as_typed():
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gen_docs import with_results
+
+    good = "<!-- value:hot_swap_cpu:0:idle_llm_ms:.0f -->1<!-- /value --> ms"
+    assert with_results(good) != good  # refilled from the file
+    # a space in a value's format; a results block without its closing marker
+    for bad in ("<!-- value:hot_swap_cpu:0:idle_llm_ms:.0f} ms -->1<!-- /value -->", "<!-- results:hot_swap_cpu -->\n"):
+        with pytest.raises(ValueError, match="do not parse"):
+            with_results(bad)
+
+
 def test_every_training_option_is_on_the_options_page():
     import dataclasses
 
