@@ -9,7 +9,8 @@ token's logprob, detokenized text, each sequence reading its run's set), with no
 options on an engine started with either of the two options that could make a big batch cheaper per token: a
 running batch of all 1,536 sequences (``max_num_seqs``; the CPU default is 256) and vLLM's async scheduling
 (the scheduler prepares the next step while the model runs). Medians of ``--repeats`` calls after a warm-up;
-microseconds per generated token and the batch's gain.
+microseconds per generated token and the batch's gain, recorded in benchmarks/results/rollout_batch_cpu.json
+(rollout_batch_gpu.json where torch sees a GPU, so a GPU run keeps the CPU table).
 
 ``--profile`` instead runs the engine in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and prints where one
 call of 256 sequences with the trainer's options spends its time (cProfile, by cumulative time); it records nothing.
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ways = [  # (row label, engine options, the trainer's per-request options)
         ("the trainer's options (seed, logprob, text, a set each)", {}, True),
         ("none of them", {}, False),
-        (f"the trainer's options, max_num_seqs {RUNS * ONE_RUN} (default 256)",
+        (f"the trainer's options, max_num_seqs {RUNS * ONE_RUN}",
          {"max_num_seqs": RUNS * ONE_RUN, "max_num_batched_tokens": RUNS * ONE_RUN * 48}, True),
         ("the trainer's options, async scheduling", {"async_scheduling": True}, True),
     ]  # fmt: skip
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                ("sweep_generate", f"{RUNS} runs' generate / one run's", ".1f}x")]  # fmt: skip
     title = (f"One generate call of the toy model (torch.compile'd engine, float32, per-request sets on), "
              f"{args.tokens} new tokens per sequence, medians of {args.repeats}")  # fmt: skip
-    record("rollout_batch_cpu", title, columns, rows)
-    print("\n" + markdown(load("rollout_batch_cpu")))
+    name = "rollout_batch_gpu" if torch.cuda.is_available() else "rollout_batch_cpu"
+    record(name, title, columns, rows)
+    print("\n" + markdown(load(name)))
     return 0
 
 
