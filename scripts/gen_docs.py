@@ -6,7 +6,8 @@
 - ``docs/training-config.md``: every field of ``trainer.config.TrainConfig`` with its type, default and the
   comment beside it, grouped under the comments that head each group in ``trainer/config.py``;
 - in any page (and the README), a block between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``: the
-  table of ``benchmarks/results/NAME.json``, which the benchmark wrote (``benchmarks/results.py``);
+  table of ``benchmarks/results/NAME.json``, which the benchmark wrote (``benchmarks/results.py``); a GPU table
+  (NAME ends in ``_gpu``) whose file does not exist yet says so instead, any other missing file is an error;
 - and a single figure, ``<!-- value:NAME:ROW:KEY:SPEC -->...<!-- /value -->``: row ROW's (0-based) KEY of that
   file, formatted like a table cell with SPEC (``.1f``, ``,.0f}x``): the README's headline numbers.
 """
@@ -90,7 +91,15 @@ def with_results(text: str) -> str:
     """``text`` with every results block and value refilled from its result file."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from benchmarks.results import cell, load, markdown
+    from benchmarks.results import RESULTS_DIR, cell, load, markdown
+
+    def table(m: re.Match) -> str:
+        name = m.group(2)
+        if name.endswith("_gpu") and not (RESULTS_DIR / f"{name}.json").exists():
+            body = f"*Not measured yet: `benchmarks/results/{name}.json` is written when the benchmark runs on a GPU.*"
+        else:
+            body = markdown(load(name))
+        return f"{m.group(1)}{body}\n{m.group(4)}"
 
     def value(m: re.Match) -> str:
         rows = load(m.group(2))["rows"]
@@ -104,7 +113,7 @@ def with_results(text: str) -> str:
     if malformed:
         raise ValueError(f"{malformed} results or value marker(s) do not parse (a value's format may hold no space, "
                          "and each needs its closing marker)")  # fmt: skip
-    text = RESULTS_BLOCK.sub(lambda m: f"{m.group(1)}{markdown(load(m.group(2)))}\n{m.group(4)}", text)
+    text = RESULTS_BLOCK.sub(table, text)
     return VALUE.sub(value, text)
 
 

@@ -48,6 +48,18 @@ def test_a_marker_that_does_not_parse_is_refused_not_left_as_typed():
             with_results(bad)
 
 
+def test_a_gpu_table_not_yet_measured_says_so_and_any_other_missing_table_is_an_error():
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gen_docs import with_results
+
+    page = with_results("<!-- results:never_run_gpu -->\nold\n<!-- /results:never_run_gpu -->")
+    assert "Not measured yet" in page and "old" not in page
+    with pytest.raises(FileNotFoundError):
+        with_results("<!-- results:never_run_cpu -->\n<!-- /results:never_run_cpu -->")
+
+
 def test_every_training_option_is_on_the_options_page():
     import dataclasses
 
