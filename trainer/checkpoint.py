@@ -37,10 +37,34 @@ def save_checkpoint(output_dir: Path, step: int, state: dict, keep: int | None, 
     return final
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    """Delete all but the last ``keep`` checkpoints."""
-    for old in sorted(p for p in (output_dir / "checkpoints").glob("step_*") if p.is_dir())[:-keep]:
+def prune_checkpoints(output_dir: Path, keep: int, step: int | None = None) -> None:
+    """Delete all but the last ``keep`` checkpoints, and first any of a step after ``step`` (the run's current
+    one): a sweep's run left a checkpoint ahead of the others by a kill redoes that step, and a stale copy kept
+    would be counted as its latest and pruned in place of the one it resumed from."""
+    found = sorted(p for p in (output_dir / "checkpoints").glob("step_*") if p.is_dir())
+    if step is not None:
+        for stale in [p for p in found if int(p.name.removeprefix("step_")) > step]:
+            shutil.rmtree(stale)
+            found.remove(stale)
+    for old in found[:-keep]:
         shutil.rmtree(old)
+
+
+def common_resume_step(latest: dict[str, int], save_every: int) -> int:
+    """The step every run of a sweep resumes from, given each run's latest checkpoint step (0: none): the runs
+    step together, so a kill between their checkpoints leaves them at most ``save_every`` steps apart and they
+    all go back to the earliest. Runs further apart never trained together (a run added to the sweep, a
+    checkpoint folder lost): refused, rather than throw away the others' progress."""
+    if max(latest.values()) == 0:
+        raise FileNotFoundError(f"--resume: no checkpoint in {', '.join(f'{run}/checkpoints' for run in latest)}")
+    behind, ahead = min(latest, key=latest.get), max(latest, key=latest.get)
+    if latest[ahead] - latest[behind] > save_every:
+        has = f"its latest checkpoint at step {latest[behind]}" if latest[behind] else "no checkpoint"
+        raise ValueError(f"--resume: run {behind} has {has} and run {ahead} one at step {latest[ahead]}: a sweep's "
+                         f"runs step together and a kill leaves them at most save_every ({save_every}) steps apart, "
+                         "so these never trained as one sweep. Resume the sweep they were started with, or train "
+                         "new runs as a sweep of their own (another output_dir)")  # fmt: skip
+    return latest[behind]
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from trainer.checkpoint import common_resume_step
 from trainer.config import TrainConfig, load_runs
 from trainer.data import PromptBuilder, batch_indices, load_examples, stop_token_ids
 from trainer.objective import advantages
@@ -67,13 +68,12 @@ class Trainer:
         self.learner = trainables[0].learner
         self.runs = [RunState(c, t, self.rank) for c, t in zip(configs, trainables, strict=True)]
         if config.resume:
-            # a sweep's runs step together; a kill between their checkpoints leaves some a checkpoint ahead (or,
-            # before the first, some with none: then every run starts again)
-            steps = [run.latest_step() for run in self.runs]
-            if max(steps) == 0:
-                raise FileNotFoundError(f"--resume: no checkpoint in {self.runs[0].output_dir / 'checkpoints'}")
+            # a kill between a sweep's runs' checkpoints leaves some a checkpoint ahead (before the first: some
+            # with none, and then every run starts again)
+            latest = {str(run.output_dir): run.latest_step() for run in self.runs}
+            step = common_resume_step(latest, config.save_every)
             for run in self.runs:
-                run.resume(min(steps))
+                run.resume(step)
         for run in self.runs:
             run.save_config()
 

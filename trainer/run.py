@@ -135,7 +135,7 @@ class RunState:
 
     def prune_checkpoints(self) -> None:
         """Keep the last ``keep_checkpoints``; called once every run of the step has written its checkpoint."""
-        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        prune_checkpoints(self.output_dir, self.config.keep_checkpoints, self.step)
 
     def read_summary(self) -> dict:
         summary = read_summary(self.output_dir) if self.step > 0 else {}

@@ -204,3 +204,47 @@ def test_a_run_without_checkpoints_resumes_from_the_start_and_pruning_waits(tiny
     assert [s.latest_step() for s in states] == [2, 0]
     states[0].resume(0)
     assert (states[0].output_dir / "metrics.jsonl").read_text() == ""  # every step is redone
+
+
+def test_a_run_a_checkpoint_ahead_drops_it_when_it_redoes_that_step(tiny_model_dirs, tmp_path):
+    """Killed after run 0 wrote step 4's checkpoint and before run 1 did (keep 1): both resume from step 2, and
+    run 0's stale step 4 goes at the next prune, not its step 2, so a second kill can still resume."""
+    from trainer.checkpoint import common_resume_step
+    from trainer.run import RunState
+
+    model = _model(str(tiny_model_dirs["qwen2"]))
+    runs, _ = load_runs(["--model", "m", "--output_dir", str(tmp_path), "--train_data", "d.jsonl",
+                         "--keep_checkpoints", "1", "--save_every", "2", "--sweep", "seed=0,1"])  # fmt: skip
+    views = build_sweep(model, [r.config for r in runs], "m")
+    states = [RunState(r.config, view, rank=0) for r, view in zip(runs, views, strict=True)]
+
+    def step(state, number):
+        state.step = number
+        state.write({"step": number, "time": {}})
+
+    def kept(state):
+        return sorted(p.name for p in (state.output_dir / "checkpoints").iterdir())
+
+    for state in states:
+        step(state, 2)
+        state.prune_checkpoints()
+    step(states[0], 4)  # the kill comes before run 1 writes step 4
+    latest = {str(s.output_dir): s.latest_step() for s in states}
+    assert latest == {str(states[0].output_dir): 4, str(states[1].output_dir): 2}
+    assert common_resume_step(latest, save_every=2) == 2
+    for state in states:
+        state.resume(2)
+        step(state, 3)
+        state.prune_checkpoints()
+    assert kept(states[0]) == kept(states[1]) == ["step_000002"]
+    assert common_resume_step({str(s.output_dir): s.latest_step() for s in states}, save_every=2) == 2
+
+
+def test_runs_that_never_trained_together_are_not_resumed_together():
+    from trainer.checkpoint import common_resume_step
+
+    assert common_resume_step({"a": 10, "b": 0}, save_every=10) == 0  # killed between the first checkpoints
+    with pytest.raises(ValueError, match=r"run c has no checkpoint and run a one at step 90.*save_every \(10\)"):
+        common_resume_step({"a": 90, "b": 90, "c": 0}, save_every=10)  # c added to a finished sweep
+    with pytest.raises(FileNotFoundError, match="no checkpoint in a/checkpoints, b/checkpoints"):
+        common_resume_step({"a": 0, "b": 0}, save_every=10)
