@@ -124,7 +124,13 @@ def load_runs(argv: list[str] | None = None) -> tuple[list[SweepRun], bool]:
     for combination in itertools.product(*sweep.values()):
         overrides = dict(zip(sweep, combination, strict=True))
         name = ",".join(f"{key}={_path_safe(value)}" for key, value in overrides.items())
-        runs.append(SweepRun(name, overrides, build_config({**values, **overrides, "output_dir": f"{root}/{name}"})))
+        config = build_config({**values, **overrides, "output_dir": f"{root}/{name}"})
+        runs.append(SweepRun(name, {key: getattr(config, key) for key in overrides}, config))  # values as parsed
+    seen: dict[str, str] = {}
+    for run in runs:  # compared as parsed, so that 1e-3 and 0.001 are one value
+        other = seen.setdefault(repr(run.overrides), run.name)
+        if other != run.name:
+            raise ValueError(f"sweep: runs {other} and {run.name} have the same values")
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"sweep: runs with the same values {sorted(n for n in names if names.count(n) > 1)}")

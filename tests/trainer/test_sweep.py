@@ -120,6 +120,8 @@ def test_sweep_options_expand_to_the_cartesian_product(tmp_path):
                                           "learning_rate=0.03,seed=2"]  # fmt: skip
     assert [(r.config.learning_rate, r.config.seed) for r in runs[-2:]] == [(0.1, 1), (0.1, 2)]
     assert runs[4].config.output_dir == "out/learning_rate=0.1,seed=1" and runs[4].config.steps == 5
+    assert runs[4].overrides == {"learning_rate": 0.1, "seed": 1}
+    assert load_runs(REQUIRED + ["--sweep", "learning_rate=1e-3,0.1"])[0][0].overrides == {"learning_rate": 0.001}
     check_sweep([r.config for r in runs])
     single, sweep = load_runs(REQUIRED)
     assert not sweep and len(single) == 1 and single[0].config.output_dir == "out"
@@ -131,6 +133,7 @@ def test_sweep_options_expand_to_the_cartesian_product(tmp_path):
         (["--sweep", "max_new_tokens=64,128"], "cannot differ between the runs of one sweep"),
         (["--sweep", "learning_rate"], "expected KEY=V1,V2"),
         (["--sweep", "learning_rate=0.1,0.1"], "runs with the same values"),
+        (["--sweep", "learning_rate=1e-3,0.001"], "runs learning_rate=1e-3 and learning_rate=0.001 have the same"),
         (["--sweep", "learning_rate=-1,0.1"], "learning_rate must be > 0"),
     ],
 )
