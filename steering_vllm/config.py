@@ -36,6 +36,9 @@ def steering_options(additional_config: dict[str, Any] | None) -> tuple[str | No
         scale = float(config.get(SCALE_KEY, 1.0))
     except (TypeError, ValueError):
         raise ValueError(f"additional_config[{SCALE_KEY!r}] must be a number, got {config[SCALE_KEY]!r}") from None
+    if path is None and SCALE_KEY in config:
+        raise ValueError(f"additional_config[{SCALE_KEY!r}] scales {VECTORS_KEY!r}, which is not given (a request "
+                         f"scales a set with extra_args {{'steering': NAME, 'steering_scale': X}})")  # fmt: skip
     return path, scale
 
 

@@ -1,4 +1,4 @@
-"""The install itself: our top-level `kernels` package next to transformers."""
+"""The install itself: our top-level `kernels` package next to transformers, and the command line."""
 
 import subprocess
 import sys
@@ -20,3 +20,11 @@ def test_transformers_does_not_take_our_kernels_for_hugging_face_kernels():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_command_lines_help_names_vllms_commands_and_ours():
+    result = subprocess.run([sys.executable, "-m", "steering_vllm", "--help"], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "steering-vllm convert IN OUT" in result.stdout and "steering-vllm inspect FILE" in result.stdout
+    assert "serve" in result.stdout  # vLLM's own help follows

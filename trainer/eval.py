@@ -266,7 +266,9 @@ def save_row(output_dir: Path, row: dict) -> list[dict]:
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m trainer.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", required=True, help="HF name or directory (Qwen2/3, Qwen3-MoE, Llama, Mistral)")
+    parser.add_argument(
+        "--model", required=True, help="HF name or directory (a family the plugin steers: docs/families.md)"
+    )
     parser.add_argument("--vectors", help="steering vectors (any readable format), or a comma-separated list of "
                         "[LABEL=]PATH evaluated side by side in one engine (per-request sets), a row each; "
                         "default: none (the base model)")  # fmt: skip

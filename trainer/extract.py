@@ -199,7 +199,7 @@ def extract(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.extract", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m trainer.extract", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model name or directory (a family the learner steers)")
     parser.add_argument("--pairs", required=True, type=Path, help='JSON lines {"positive", "negative"[, "prompt"]}')
     parser.add_argument("--output", required=True, type=Path, help="vectors to write (.safetensors, .gguf, .npy)")

@@ -135,7 +135,12 @@ def build(cache: Path | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.real_model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=None, help=f"default {default_cache()} ($STEERING_VLLM_CACHE)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help=f"default {default_cache()} ($STEERING_VLLM_CACHE/real where that is set)",
+    )
     args = parser.parse_args(argv)
     try:
         print(json.dumps(build(args.cache), indent=2))

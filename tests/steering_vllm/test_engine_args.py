@@ -32,6 +32,15 @@ def test_without_the_flag_nothing_is_added(parser):
     assert not AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m"])).additional_config
 
 
+def test_a_scale_without_vectors_is_refused_not_dropped(parser, tmp_path):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    path = SteeringVectors.from_tensor(torch.randn(2, 8)).save(tmp_path / "a.safetensors")
+    args = parser.parse_args(["--model", "m", "--steering-sets", f"a={path}", "--steering-scale", "2"])
+    with pytest.raises(ValueError, match="--steering-scale scales --steering-vectors, which was not given"):
+        AsyncEngineArgs.from_cli_args(args)
+
+
 def test_flag_checks_the_file_when_parsed(parser, tmp_path, capsys):
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
     with pytest.raises(SystemExit):

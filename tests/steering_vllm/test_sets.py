@@ -160,6 +160,7 @@ def test_per_request_steering_is_on_only_when_asked_for():
         ({"steering_sets": {"none": "x"}}, "reserved"),
         ({"max_steering_configs": 0}, "positive integer"),
         ({"max_steering_config": 4}, "unknown steering option"),
+        ({"steering_sets": {"a": "a.safetensors"}, "steering_scale": 2}, "scales 'steering_vectors', which is not"),
     ]:
         with pytest.raises(ValueError, match=message):
             per_request_options(bad)
