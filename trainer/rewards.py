@@ -98,9 +98,10 @@ def _parse_gold(gold: str) -> list | None:
 
     Dataset golds are usually bare LaTeX (`\\frac{1}{2}`, `2\\sqrt{3}`, `(1,2]`, `x = 5`). A plain parse of those
     silently reads a wrong value (2, 2, nothing, 5), so a gold without `$` or `\\boxed` is read as `$gold$` first
-    and the plain parse is only the fallback (it catches text like `5 dollars`).
+    and the plain parse is only the fallback (it catches text like `5 dollars`). An escaped dollar (`\\$18.90`,
+    MATH's currency) is not a delimiter.
     """
-    delimited = "$" in gold or "\\boxed" in gold
+    delimited = re.search(r"(?<!\\)\$", gold) is not None or "\\boxed" in gold
     for candidate in (gold,) if delimited else (f"${gold}$", gold):
         parsed = parse(candidate)
         if _has_math(parsed):

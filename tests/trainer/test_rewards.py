@@ -59,6 +59,9 @@ def test_last_boxed(text, expected):
         ("\\boxed{x = 5}", "x=5"),
         ("first \\boxed{3}, no wait: \\boxed{4}", "4"),
         ("\\boxed{72}", "$72$"),
+        ("\\boxed{18.90}", "\\$18.90"),  # MATH's currency: an escaped dollar is not a delimiter
+        ("\\boxed{\\$18.90}", "\\$18.90"),
+        ("\\boxed{1000}", "\\$1,\\!000"),
     ],
 )
 def test_equivalent_forms_are_correct(completion, gold):
