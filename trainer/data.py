@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,13 +101,36 @@ class PromptBuilder:
         self.template = template
         self.system_prompt = system_prompt
         self.plain_template = plain_template
+        # a system turn even when empty: Qwen's templates put their own default system prompt where none is given
+        self.system_turn = template == "chat" and _takes_a_system_turn(tokenizer)
+        if template == "chat" and system_prompt and not self.system_turn:
+            print(
+                "the chat template refuses a system turn (as Gemma's do): the system prompt opens the user turn",
+                file=sys.stderr,
+            )
 
     def __call__(self, question: str) -> list[int]:
         if self.template == "chat":
-            messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": question}]
+            messages = [{"role": "user", "content": question}]
+            if self.system_turn:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            elif self.system_prompt:
+                messages[0]["content"] = f"{self.system_prompt}\n\n{question}"
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer(self.plain_template.replace("{question}", question))["input_ids"]
+
+
+def _takes_a_system_turn(tokenizer) -> bool:
+    """Whether the chat template renders a system message (Gemma's raise "System role not supported")."""
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    try:
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # jinja2's TemplateError from the template's raise_exception
+        if "system" not in str(error).lower():
+            raise
+        return False
+    return True
 
 
 def stop_token_ids(tokenizer, model_dir: str | None = None) -> list[int]:

@@ -122,6 +122,17 @@ def test_plain_and_chat_prompts(tmp_path):
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
     chat = PromptBuilder(tokenizer, "auto", SYSTEM_PROMPT, "")
     assert tokenizer.decode(chat("1 + 1 = ?")) == f"<system>{SYSTEM_PROMPT}<user>1 + 1 = ?<assistant>"
+    assert (
+        tokenizer.decode(PromptBuilder(tokenizer, "chat", "", "")("1 + 1 = ?")) == "<system><user>1 + 1 = ?<assistant>"
+    )
+    # Gemma's templates refuse a system turn: the system prompt opens the user turn instead
+    tokenizer.chat_template = (
+        "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + tokenizer.chat_template
+    )
+    gemma = PromptBuilder(tokenizer, "chat", SYSTEM_PROMPT, "")
+    assert tokenizer.decode(gemma("1 + 1 = ?")) == f"<user>{SYSTEM_PROMPT}\n\n1 + 1 = ?<assistant>"
+    assert tokenizer.decode(PromptBuilder(tokenizer, "chat", "", "")("1 + 1 = ?")) == "<user>1 + 1 = ?<assistant>"
 
 
 def test_gold_answers():
