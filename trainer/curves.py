@@ -103,10 +103,20 @@ def plot_curves(groups: dict[str, list], path, smooth: int = 5, title: str | Non
 
 
 def _parse_groups(items: list[str]) -> dict[str, list[str]]:
+    """RUN_DIR or LABEL=DIR1,DIR2,... A sweep's run folders hold '=' and ',' (``lr=0.1,seed=0``): an item that is a
+    folder is one run, and a comma joins two pieces where together they name a folder."""
     groups = {}
     for item in items:
-        label, _, dirs = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
-        groups[label] = [d for d in dirs.split(",") if d]
+        if Path(item).is_dir() or "=" not in item:
+            groups[Path(item).name] = [item]
+            continue
+        label, _, listed = item.partition("=")
+        pieces, dirs = [p for p in listed.split(",") if p], []
+        while pieces:
+            longest = next((n for n in range(len(pieces), 0, -1) if Path(",".join(pieces[:n])).is_dir()), 1)
+            dirs.append(",".join(pieces[:longest]))
+            del pieces[:longest]
+        groups[label] = dirs
     return groups
 
 

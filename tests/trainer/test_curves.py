@@ -51,3 +51,14 @@ def test_groups_plot_to_png_and_the_cli_reports_missing_runs(tmp_path, capsys):
     assert (tmp_path / "cli.png").is_file()
     assert main([str(tmp_path / "missing"), "-o", str(tmp_path / "x.png")]) == 2
     assert "no metrics" in capsys.readouterr().err
+
+
+def test_sweep_run_folders_holding_equals_and_commas_parse_as_runs(tmp_path):
+    from trainer.curves import _parse_groups
+
+    s0 = _run(tmp_path / "learning_rate=0.1,seed=0", [0.1])
+    s1 = _run(tmp_path / "learning_rate=0.1,seed=1", [0.2])
+    assert _parse_groups([str(s0)]) == {"learning_rate=0.1,seed=0": [str(s0)]}
+    assert _parse_groups([f"lr 0.1={s0},{s1}"]) == {"lr 0.1": [str(s0), str(s1)]}
+    assert _parse_groups([f"x={tmp_path / 'a'},{tmp_path / 'b'}"]) == {"x": [str(tmp_path / "a"), str(tmp_path / "b")]}
+    assert main([str(s0), f"lr 0.1={s0},{s1}", "-o", str(tmp_path / "sweep.png")]) == 0
