@@ -245,14 +245,18 @@ def _check_ranges(config: TrainConfig) -> None:
     if config.samples_per_prompt < 2:
         raise ValueError(f"option samples_per_prompt must be >= 2 (advantages compare samples of one prompt), "
                          f"got {config.samples_per_prompt}")  # fmt: skip
-    for key in ("learning_rate", "temperature", "reward_timeout_s", "max_grad_norm", "tis_cap"):
+    for key in ("learning_rate", "temperature", "reward_timeout_s", "max_grad_norm", "tis_cap", "lora_alpha"):
         if not getattr(config, key) > 0:
             raise ValueError(f"option {key} must be > 0, got {getattr(config, key)}")
     for key in ("warmup_steps", "weight_decay", "kl_coef", "eval_every", "eval_prompts", "eval_temperature"):
-        if getattr(config, key) < 0:
+        if not getattr(config, key) >= 0:  # not <, so that NaN is refused too
             raise ValueError(f"option {key} must be >= 0, got {getattr(config, key)}")
     if not 0 < config.top_p <= 1:
         raise ValueError(f"option top_p must be in (0, 1], got {config.top_p}")
+    if config.top_p < 1 and config.importance_correction == "tis":
+        raise ValueError(f"importance_correction 'tis' with top_p {config.top_p}: the engine's logprobs are of the "
+                         "top-p renormalised distribution, the learner's of the full one, so every token's weight "
+                         "would be biased below 1; use top_p 1 or importance_correction 'none'")  # fmt: skip
     if config.loss_constant is not None and config.loss_constant < 1:
         raise ValueError(f"option loss_constant must be >= 1, got {config.loss_constant}")
 
