@@ -33,6 +33,8 @@ def load_examples(source: str, question_field: str, answer_field: str, split: st
             raise ValueError(f"{source}: row {number} has no field(s) {missing} (it has {sorted(row)}); "
                              "set question_field / answer_field")  # fmt: skip
         answer = row[answer_field]
+        if answer is None:
+            raise ValueError(f"{source}: row {number} has no answer ({answer_field} is null)")
         answer = ", ".join(map(str, answer)) if isinstance(answer, list) else str(answer)  # OlympiadBench: a list
         examples.append(Example(str(row[question_field]), gold_answer(answer)))
     if not examples:
@@ -58,8 +60,12 @@ def _read_rows(path: Path) -> list[dict]:
         return pq.read_table(path).to_pylist()
     text = path.read_text()
     if path.suffix == ".json":
-        rows = json.loads(text)
-        return rows if isinstance(rows, list) else rows.get("data", [])
+        try:
+            rows = json.loads(text)
+            return rows if isinstance(rows, list) else rows.get("data", [])
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # else JSON lines under .json, as `datasets`' to_json writes them
+                raise ValueError(f"{path}: not JSON ({e})") from None
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():

@@ -74,11 +74,19 @@ def test_examples_from_jsonl_and_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    for name in ("d.jsonl", "d.parquet"):
+    (tmp_path / "lines.json").write_text((tmp_path / "d.jsonl").read_text())  # datasets' to_json writes lines
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    for name in ("d.jsonl", "d.parquet", "lines.json", "d.json"):
         examples = load_examples(str(tmp_path / name), "q", "a")
         assert [(e.question, e.answer) for e in examples] == [(f"question {i}", str(i)) for i in range(5)]
     with pytest.raises(ValueError, match=r"row 1 has no field\(s\) \['problem'\]"):
         load_examples(str(tmp_path / "d.jsonl"), "problem", "a")
+    (tmp_path / "null.jsonl").write_text('{"q": "x", "a": 1}\n{"q": "y", "a": null}\n')
+    with pytest.raises(ValueError, match=r"row 2 has no answer \(a is null\)"):
+        load_examples(str(tmp_path / "null.jsonl"), "q", "a")
+    (tmp_path / "broken.json").write_text('[{"q": "x", ')
+    with pytest.raises(ValueError, match="broken.json: not JSON"):
+        load_examples(str(tmp_path / "broken.json"), "q", "a")
     with pytest.raises(FileNotFoundError, match="missing.jsonl: no such data file"):
         load_examples(str(tmp_path / "missing.jsonl"), "q", "a")
 
