@@ -299,8 +299,8 @@ def parse_args(argv):
     parser.add_argument("--vllm-log-level", choices=LEVELS,
                         help="vLLM's log level (default: $VLLM_LOGGING_LEVEL, else warning)")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.seeds < 1 or args.engines < 1 or (args.k is not None and args.k < 1):
-        parser.error("--seeds, --engines and --k must be >= 1")
+    if args.seeds < 1 or args.engines < 1 or any(n is not None and n < 1 for n in (args.k, args.limit)):
+        parser.error("--seeds, --engines, --k and --limit must be >= 1")
     try:
         args.setups = parse_setups(args.vectors, args.label, args.model, args.include_base)
     except ValueError as e:

@@ -115,3 +115,12 @@ def test_one_setup_is_served_with_global_vectors_several_as_per_request_sets(tmp
     config = _engine_settings(several)["engine"]["additional_config"]
     assert config == {"steering_sets": {"a": a, "b": b}, "max_steering_configs": 2}
     assert _choices(several.setups) == [{"steering": "none"}, {"steering": "a"}, {"steering": "b"}]
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--k", "--seeds"])
+def test_counts_below_one_are_refused(flag, capsys):
+    from trainer.eval import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", flag, "0"])
+    assert "--seeds, --engines, --k and --limit must be >= 1" in capsys.readouterr().err
