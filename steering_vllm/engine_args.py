@@ -133,8 +133,10 @@ def route_steering_args(args: argparse.Namespace, engine_args) -> None:
         routed[VECTORS_KEY] = path
         routed[SCALE_KEY] = getattr(args, "steering_scale", 1.0)
     elif getattr(args, "steering_scale", 1.0) != 1.0:
-        raise SteeringVectorsError("--steering-scale scales --steering-vectors, which was not given (a request "
-                                   'scales a set with vllm_xargs {"steering": NAME, "steering_scale": X})')
+        raise SteeringVectorsError(
+            "--steering-scale scales --steering-vectors, which was not given (a request "
+            'scales a set with vllm_xargs {"steering": NAME, "steering_scale": X})'
+        )
     sets = getattr(args, "steering_sets", None)
     if sets:
         names = [name for name, _ in sets]

@@ -42,6 +42,9 @@ class Configuration:
         return SteeringVectors.from_tensor(self.table, source=f"configuration {self.content_hash[:12]}").to_bytes()
 
 
+RESOLVED_KEPT = 256  # choices whose resolved table the front end keeps (live requests hold their own)
+
+
 class SteeringRowsExhausted(RuntimeError):
     """Every table row is taken by a configuration that live requests use."""
 
@@ -70,15 +73,24 @@ def parse_choice(extra_args: dict | None) -> tuple[tuple[str, float], ...] | Non
             )
     else:
         raise ValueError(f"{CHOICE_KEY!r} must be a set name or a non-empty list of names, got {names!r}")
+    if len(set(map(repr, names))) != len(names):  # also bounds the weighted sum by the number of sets
+        raise ValueError(f"{CHOICE_KEY!r} names a set more than once ({names!r}): give each set one scale")
     choice = []
     for name, scale in zip(names, scales, strict=True):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not _finite(scale):
+            raise ValueError(f"{SCALE_KEY!r} for set {name!r} must be a finite number, got {scale!r}")
         if name == NO_STEERING and len(names) == 1:
             return ()
         check_set_name(name)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"{SCALE_KEY!r} for set {name!r} must be a finite number, got {scale!r}")
         choice.append((name, float(scale)))
     return tuple(choice)
+
+
+def _finite(scale: int | float) -> bool:
+    try:
+        return math.isfinite(scale)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def parse_phase(extra_args: dict | None, default: str = "all") -> str:
@@ -111,7 +123,7 @@ class SteeringSets:
         self.default = SteeringVectors.zeros(num_layers, hidden_size)
         self.sets: dict[str, SteeringVectors] = {}
         self.zero = self._configuration(torch.zeros(num_layers, hidden_size))
-        self._resolved: dict[tuple | None, Configuration] = {}
+        self._resolved: OrderedDict[tuple | None, Configuration] = OrderedDict()  # the latest RESOLVED_KEPT
         self._configs: dict[str, Configuration] = {}  # hash -> configuration of a live request
         self._request_config: dict[str, str] = {}  # live request id -> configuration hash
         self._users: dict[str, int] = {}  # configuration hash -> live requests
@@ -143,6 +155,10 @@ class SteeringSets:
         if configuration is None:
             configuration = self._resolve(choice)
             self._resolved[choice] = configuration
+            if len(self._resolved) > RESOLVED_KEPT:  # a table each: requests with ever new scales must not
+                self._resolved.popitem(last=False)  # grow the front end's memory without bound
+        else:
+            self._resolved.move_to_end(choice)
         return configuration
 
     def _resolve(self, choice: tuple[tuple[str, float], ...] | None) -> Configuration:

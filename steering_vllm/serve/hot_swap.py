@@ -41,7 +41,7 @@ def update_steering(llm, vectors: SteeringVectors | str | os.PathLike, name: str
         llm.collective_rpc("steering_discard")
         raise
     _check_hashes("commit", llm.collective_rpc("steering_commit", args=(expected,)), expected)
-    if not llm.reset_prefix_cache():
+    if not llm.reset_prefix_cache(reset_connector=True):  # a KV connector's blocks hold the old vectors too
         raise RuntimeError("steering update: the prefix cache could not be reset (requests still running?)")
     return vectors.content_hash()
 
@@ -58,8 +58,8 @@ async def update_steering_async(engine, vectors: SteeringVectors | str | os.Path
     if _put_set(engine, vectors, name):
         return vectors.content_hash()
     expected = vectors.content_hash()
-    await engine.pause_generation(mode="keep", clear_cache=True)
-    try:
+    try:  # a pause that fails after pausing (a KV connector's reset) must not leave generation paused
+        await engine.pause_generation(mode="keep", clear_cache=True)
         await swap_every_rank(functools.partial(rpc_every_rank, engine), vectors.to_bytes(), vectors.source, expected)
     finally:
         await engine.resume_generation()

@@ -64,6 +64,10 @@ def test_the_default_set_is_what_a_request_without_a_choice_gets(sets):
         ({"steering": ["a", "none"]}, "reserved"),
         ({"steering_scale": 2.0}, "without 'steering'"),
         ({"steering": "a", "steering_scale": 1e300}, "overflows float32"),
+        ({"steering": "a", "steering_scale": 10**400}, "finite number"),  # an int beyond float's range
+        ({"steering": "none", "steering_scale": "x"}, "finite number"),
+        ({"steering": ["a", "b", "a"]}, "names a set more than once"),
+        ({"steering": "a\n"}, "malformed"),
     ],
 )
 def test_bad_choices_are_refused_with_a_message_naming_the_problem(sets, extra_args, message):
@@ -75,8 +79,9 @@ def test_a_sum_that_overflows_float32_is_refused(sets):
     sets.put("large", SteeringVectors.from_tensor(torch.full((L, D), 5e18)))  # D x (5e18)^2 = 2e38: still finite
     with pytest.raises(ValueError, match="overflows float32"):  # 5e18 x 1e30 is not a float32
         sets.resolve({"steering": "large", "steering_scale": 1e30})
+    sets.put("large2", SteeringVectors.from_tensor(torch.full((L, D), 5e18)))
     with pytest.raises(ValueError, match="too large"):  # the sum's squares overflow: the norm's variance would too
-        sets.resolve({"steering": ["large", "large"]})
+        sets.resolve({"steering": ["large", "large2"]})
 
 
 def test_replacing_or_removing_a_set_changes_what_new_choices_resolve_to(sets):
@@ -211,3 +216,15 @@ def test_the_front_end_gives_each_request_its_phase_or_the_engines_default(sets)
     assert resolve({"steering": "none", "steering_phase": "prompt"})[0] == "all"  # nothing to limit
     with pytest.raises(SteeringChoiceError, match="'steering_phase' must be one of"):
         resolve({"steering": "a", "steering_phase": "both"})
+
+
+def test_the_resolved_choices_kept_are_bounded(sets):
+    """Requests with ever new scales must not grow the front end's memory (a table per choice) without bound."""
+    from steering_vllm.per_request.sets import RESOLVED_KEPT
+
+    first = sets.resolve({"steering": "a", "steering_scale": 0.5})
+    for i in range(RESOLVED_KEPT + 10):
+        sets.resolve({"steering": "a", "steering_scale": 1.0 + i / 1000})
+    assert len(sets._resolved) == RESOLVED_KEPT
+    again = sets.resolve({"steering": "a", "steering_scale": 0.5})  # resolved anew, to the same configuration
+    assert again is not first and again.content_hash == first.content_hash
