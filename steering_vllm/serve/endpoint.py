@@ -89,6 +89,9 @@ class SteeringEndpoint:
         serving_models = getattr(state, "openai_serving_models", None)
         if self.control.sets is not None and serving_models is not None:
             self.control.base_model_name = serving_models.base_model_paths[0].name
+            self.control.model_names = lambda: (
+                {p.name for p in serving_models.base_model_paths} | set(getattr(serving_models, "lora_requests", {}))
+            )
             list_sets_in_models(serving_models, self.control.sets)
         state.steering = self.control
 
@@ -131,6 +134,7 @@ class SteeringControl:
         self.active_hash: str | None = None
         self.sets = steering_sets(engine)
         self.base_model_name = self.model_config.model
+        self.model_names = lambda: {self.base_model_name}  # served names and LoRA adapters, once the server has them
         parallel_config = engine.vllm_config.parallel_config
         self.shares_engine = front_end_count(parallel_config) > 1
         self.one_rank_of_many = serves_one_rank_of_many(parallel_config)
@@ -170,6 +174,10 @@ class SteeringControl:
             )
         if set_name is not None:
             self._check_set_name(set_name)
+            if set_name in self.model_names():
+                raise HTTPProblem(409, f"{set_name!r} already names a served model or LoRA adapter: a set of that "
+                                  "name would take the requests that name it in `model`; choose another name",
+                                  "ConflictError")  # fmt: skip
         scale = _scale(request.query_params.get("scale"))
         if _content_type(request) == "application/json":
             vectors = await self._from_file(await _read_body(request, MAX_JSON_BYTES), scale)

@@ -18,6 +18,7 @@ from steering_vllm import SteeringVectors
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 KEY = "test-key"
+ALIAS = "tiny"  # a second served model name, which no set may take
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GREEDY = dict(temperature=0, logprobs=1, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
 STREAMED_TOKENS = 800  # long enough to be running when its set is replaced
@@ -36,7 +37,8 @@ A, B, C, A2 = _vectors(40), _vectors(41), _vectors(42), _vectors(43)
 def server(tiny_model_dirs, tmp_path_factory):
     directory = tmp_path_factory.mktemp("sets")
     sets = [f"a={A.save(directory / 'a.safetensors')}", f"b={B.save(directory / 'b.safetensors')}"]
-    flags = ["--steering-sets", *sets, "--max-steering-configs", "4", "--api-key", KEY]
+    flags = ["--steering-sets", *sets, "--max-steering-configs", "4", "--api-key", KEY,
+             "--served-model-name", str(tiny_model_dirs["qwen2"]), ALIAS]  # fmt: skip
     env = {"VLLM_PLUGINS": "steering_vllm"}
     log_dir = tmp_path_factory.mktemp("sets-log")
     with running_server(tiny_model_dirs["qwen2"], flags, log_dir, env, compiled=True) as url:
@@ -69,6 +71,12 @@ def test_models_lists_the_base_model_and_each_set(client, tiny_model_dirs):
     assert models[0] == str(tiny_model_dirs["qwen2"]) and {"a", "b"} <= set(models[1:])
     cards = {m.id: m for m in client.models.list().data}
     assert cards["a"].parent == models[0]
+
+
+def test_a_set_may_not_take_a_served_models_name(server):
+    response = requests.put(f"{server}/v1/steering/sets/{ALIAS}", data=C.to_bytes(), headers=AUTH, timeout=60)
+    assert response.status_code == 409 and "already names a served model" in response.json()["error"]["message"]
+    assert ALIAS not in requests.get(f"{server}/v1/steering", headers=AUTH, timeout=60).json()["sets"]
 
 
 def test_a_set_is_chosen_by_model_name_or_by_vllm_xargs(client, tiny_model_dirs):
