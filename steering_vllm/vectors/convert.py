@@ -23,9 +23,14 @@ def parse_layers(text: str) -> list[int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         start, _, end = part.partition("-")
         try:
-            layers.extend(range(int(start), int(end or start) + 1))
+            first, last = int(start), int(end or start)
         except ValueError:
             raise argparse.ArgumentTypeError(f"bad layer list {text!r} (expected e.g. '1,3,5-8')") from None
+        if last < first:
+            raise argparse.ArgumentTypeError(f"bad layer list {text!r}: the range {part!r} runs backwards")
+        layers.extend(range(first, last + 1))
+    if not layers:
+        raise argparse.ArgumentTypeError(f"bad layer list {text!r}: no layers (expected e.g. '1,3,5-8')")
     return layers
 
 

@@ -200,18 +200,21 @@ def load_hf_checkpoint(path: Path, num_layers: int | None = None) -> RawVectors:
     """Vectors from ``model.layers.{l}.mlp.down_proj.bias`` in a checkpoint file or directory (all shards)."""
     from safetensors import SafetensorError, safe_open
 
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    if not files:
-        raise SteeringVectorsError(f"{path}: no .safetensors files in this directory")
+    files = _hf_files(path)
     config = _read_hf_config(path if path.is_dir() else path.parent)
     vectors: dict[int, torch.Tensor] = {}
+    found: dict[int, str] = {}  # layer -> where its bias was read
     for file in files:
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
                     match = _HF_BIAS.match(name)
                     if match:
-                        vectors[int(match.group(1))] = f.get_tensor(name)
+                        layer, where = int(match.group(1)), f"{file.name}: {name}"
+                        if layer in found:
+                            raise SteeringVectorsError(f"{path}: layer {layer}'s bias appears twice ({found[layer]}; "
+                                                       f"{where})")  # fmt: skip
+                        vectors[layer], found[layer] = f.get_tensor(name), where
         except (SafetensorError, OSError) as e:
             raise SteeringVectorsError(f"{file}: not a readable safetensors file ({e})") from None
     if not vectors:
@@ -221,11 +224,38 @@ def load_hf_checkpoint(path: Path, num_layers: int | None = None) -> RawVectors:
     return RawVectors(vectors, num_layers, hidden_size, config.get("_name_or_path"), str(path))
 
 
+def _hf_files(path: Path) -> list[Path]:
+    """The checkpoint's files: ``path`` itself, or a directory's shards (those its index names, when it has one:
+    a leftover shard of another save beside them must not be read)."""
+    if not path.is_dir():
+        return [path]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SteeringVectorsError(f"{index}: not a safetensors index ({e})") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [file.name for file in files if not file.is_file()]
+        if missing:
+            raise SteeringVectorsError(f"{index}: names shard(s) {missing} that are not in {path}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise SteeringVectorsError(f"{path}: no .safetensors files in this directory")
+    return files
+
+
 def _read_hf_config(directory: Path) -> dict:
     config_file = directory / "config.json"
     if not config_file.is_file():
         return {}
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SteeringVectorsError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise SteeringVectorsError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     return config.get("text_config", config)
 
 
@@ -264,6 +294,9 @@ def _check_gguf_writable(raw: RawVectors, path: Path) -> None:
             f"{path}: layer 0 has a non-zero vector, which GGUF control vectors cannot hold (llama.cpp has no "
             "slot for block 0); drop it first with select_layers / --layers if that is what you want"
         )
+    if not any(layer > 0 and bool(vector.any()) for layer, vector in raw.vectors.items()):
+        raise SteeringVectorsError(f"{path}: no vector on a layer above 0, and a GGUF control vector with no "
+                                   "direction tensors is not a file llama.cpp (or this reader) can load")  # fmt: skip
 
 
 def _write_gguf(raw: RawVectors, path: Path) -> None:

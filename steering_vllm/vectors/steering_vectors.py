@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import os
 import threading
 from collections import OrderedDict
@@ -156,7 +157,10 @@ class SteeringVectors:
     def select_layers(self, layers: Iterable[int]) -> SteeringVectors:
         """Keep only the given layers' vectors; the others become zero."""
         keep = set()
-        for layer in layers:
+        for given in layers:
+            layer = _layer_index(given)
+            if layer is None:
+                raise SteeringVectorsError(f"{self.source}: layer {given!r} is not a layer index (an int)")
             if not 0 <= layer < self.num_layers:
                 raise SteeringVectorsError(
                     f"{self.source}: layer {layer} out of range for num_layers={self.num_layers}"
@@ -270,3 +274,13 @@ def _checked_vector(vector, layer: int, num_layers: int, hidden_size: int, sourc
 def _overflows(vector: torch.Tensor) -> bool:
     """Whether ``vector`` (float32) or the sum of its squares is not finite in float32."""
     return not bool(torch.isfinite(vector.square().sum()))
+
+
+def _layer_index(value) -> int | None:
+    """``value`` as a layer index (ints, numpy ints), or None (floats, strings, bools)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None

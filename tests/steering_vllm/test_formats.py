@@ -1,5 +1,6 @@
 """Converters: the paper's .npy, HF checkpoints with down_proj.bias, llama.cpp / repeng GGUF; the two commands."""
 
+import json
 import subprocess
 import sys
 
@@ -56,6 +57,27 @@ def test_hf_checkpoint_directory_and_file_with_down_proj_bias(tmp_path):
         SteeringVectors.load(tmp_path / "empty")
 
 
+def test_hf_checkpoints_that_would_give_a_layer_two_biases_are_refused_or_read_through_their_index(tmp_path):
+    twice = tmp_path / "twice.safetensors"
+    save_file({"model.layers.1.mlp.down_proj.bias": torch.ones(4), "layers.01.mlp.down_proj.bias": torch.zeros(4)},
+              str(twice))  # fmt: skip
+    with pytest.raises(SteeringVectorsError, match="layer 1's bias appears twice"):
+        SteeringVectors.load(twice)
+    biases = {layer: torch.randn(8) for layer in (1, 2)}
+    directory = _hf_checkpoint(tmp_path / "ckpt", biases, num_layers=4, shards=2)
+    save_file({"model.layers.1.mlp.down_proj.bias": torch.full((8,), 99.0)}, str(directory / "old-00001.safetensors"))
+    with pytest.raises(SteeringVectorsError, match="appears twice"):  # a leftover shard, and no index to say so
+        SteeringVectors.load(directory)
+    shards = sorted(p.name for p in directory.glob("model-*.safetensors"))
+    weight_map = {f"model.layers.{layer}.mlp.down_proj.bias": shards[i] for i, layer in enumerate((1, 2))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    vectors = SteeringVectors.load(directory)  # the index names the shards: the leftover is not read
+    assert all(torch.equal(vectors.vectors[layer], bias) for layer, bias in biases.items())
+    (directory / "config.json").write_text("{bad")
+    with pytest.raises(SteeringVectorsError, match=r"config\.json: not valid JSON"):
+        SteeringVectors.load(directory)
+
+
 def test_gguf_write_uses_llama_cpp_numbering(tmp_path):
     table = torch.randn(6, 16)
     table[0] = 0
@@ -101,6 +123,8 @@ def test_gguf_refuses_layer_0_and_foreign_files(tmp_path):
     with pytest.raises(SteeringVectorsError, match="layer 0 has a non-zero vector, which GGUF control vectors cannot"):
         SteeringVectors.from_tensor(torch.ones(3, 8)).save(tmp_path / "cv.gguf")
     assert not (tmp_path / "cv.gguf").exists()
+    with pytest.raises(SteeringVectorsError, match="no vector on a layer above 0"):  # it could not be read back
+        SteeringVectors.zeros(3, 8).save(tmp_path / "zeros.gguf")
     writer = gguf.GGUFWriter(tmp_path / "model.gguf", arch="llama")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file()
@@ -151,6 +175,14 @@ def test_convert_records_what_it_changed_in_the_provenance(tmp_path, capsys):
     assert provenance == {"method": "pca", "converted": "layers 1,2 kept; scaled by -2"}
     assert inspect_cmd.main([str(tmp_path / "c.safetensors")]) == 0
     assert "converted    layers 1,2 kept; scaled by -2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layers", ["3-1", "", ","])
+def test_convert_refuses_a_layer_list_that_keeps_nothing(tmp_path, capsys, layers):
+    source = SteeringVectors.from_tensor(torch.randn(4, 8)).save(tmp_path / "v.safetensors")
+    with pytest.raises(SystemExit):
+        convert_cmd.main([str(source), str(tmp_path / "out.safetensors"), "--layers", layers])
+    assert "bad layer list" in capsys.readouterr().err and not (tmp_path / "out.safetensors").exists()
 
 
 def test_inspect_command(tmp_path, capsys):

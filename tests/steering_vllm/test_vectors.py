@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -63,6 +64,10 @@ def test_zeros_scale_select_and_norms():
     assert vectors.norms() == pytest.approx(table.norm(dim=1).tolist(), rel=1e-6)
     with pytest.raises(SteeringVectorsError, match="layer 3 out of range"):
         vectors.select_layers([3])
+    for bad in (1.5, "1", True):
+        with pytest.raises(SteeringVectorsError, match="is not a layer index"):
+            vectors.select_layers([bad])
+    assert torch.equal(vectors.select_layers(np.array([0, 2])).to_tensor(), selected)  # numpy ints are layers
     with pytest.raises(SteeringVectorsError, match="finite"):
         vectors.scale(math.inf)
     big = SteeringVectors.from_tensor(torch.tensor([[0.0, 1e-30], [0.0, 0.0], [10.0, 0.0]]))
