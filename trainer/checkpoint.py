@@ -43,7 +43,7 @@ def prune_checkpoints(output_dir: Path, keep: int, step: int | None = None) -> N
     would be counted as its latest and pruned in place of the one it resumed from."""
     found = sorted(p for p in (output_dir / "checkpoints").glob("step_*") if p.is_dir())
     if step is not None:
-        for stale in [p for p in found if int(p.name.removeprefix("step_")) > step]:
+        for stale in [p for p in found if checkpoint_step(p) > step]:
             shutil.rmtree(stale)
             found.remove(stale)
     for old in found[:-keep]:
@@ -65,6 +65,11 @@ def common_resume_step(latest: dict[str, int], save_every: int) -> int:
                          "so these never trained as one sweep. Resume the sweep they were started with, or train "
                          "new runs as a sweep of their own (another output_dir)")  # fmt: skip
     return latest[behind]
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory ``step_NNNNNN`` holds."""
+    return int(path.name.removeprefix("step_"))
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

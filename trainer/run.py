@@ -14,7 +14,14 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from trainer.checkpoint import (
+    checkpoint_at,
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from trainer.config import TrainConfig, save_config
 from trainer.curves import SUMMARY_FILE, plot_curves, read_summary
 from trainer.objective import zero_variance_fraction
@@ -53,7 +60,7 @@ class RunState:
     def latest_step(self) -> int:
         """The step of this run's latest checkpoint; 0 if it has none."""
         checkpoint = latest_checkpoint(self.output_dir)
-        return 0 if checkpoint is None else int(checkpoint.name.removeprefix("step_"))
+        return 0 if checkpoint is None else checkpoint_step(checkpoint)
 
     def resume(self, step: int) -> None:
         """Continue from this run's checkpoint of ``step`` (0: from the start); metric lines of later steps are

@@ -89,9 +89,7 @@ class SteeringEndpoint:
         serving_models = getattr(state, "openai_serving_models", None)
         if self.control.sets is not None and serving_models is not None:
             self.control.base_model_name = serving_models.base_model_paths[0].name
-            self.control.model_names = lambda: (
-                {p.name for p in serving_models.base_model_paths} | set(getattr(serving_models, "lora_requests", {}))
-            )
+            self.control.serving_models = serving_models
             list_sets_in_models(serving_models, self.control.sets)
         state.steering = self.control
 
@@ -134,7 +132,7 @@ class SteeringControl:
         self.active_hash: str | None = None
         self.sets = steering_sets(engine)
         self.base_model_name = self.model_config.model
-        self.model_names = lambda: {self.base_model_name}  # served names and LoRA adapters, once the server has them
+        self.serving_models = None  # the server's, once it has them: served names and LoRA adapters
         parallel_config = engine.vllm_config.parallel_config
         self.shares_engine = front_end_count(parallel_config) > 1
         self.one_rank_of_many = serves_one_rank_of_many(parallel_config)
@@ -174,7 +172,7 @@ class SteeringControl:
             )
         if set_name is not None:
             self._check_set_name(set_name)
-            if set_name in self.model_names():
+            if set_name in self._model_names():
                 raise HTTPProblem(409, f"{set_name!r} already names a served model or LoRA adapter: a set of that "
                                   "name would take the requests that name it in `model`; choose another name",
                                   "ConflictError")  # fmt: skip
@@ -200,6 +198,13 @@ class SteeringControl:
             except KeyError as e:
                 raise HTTPProblem(404, str(e.args[0]), "NotFoundError") from None
             return await self.status()
+
+    def _model_names(self) -> set[str]:
+        """The names a request's ``model`` can already mean: the served names and any LoRA adapter."""
+        if self.serving_models is None:
+            return {self.base_model_name}
+        names = {path.name for path in self.serving_models.base_model_paths}
+        return names | set(getattr(self.serving_models, "lora_requests", {}))
 
     def _check_set_name(self, name: str) -> None:
         if self.sets is None:
